@@ -1,0 +1,46 @@
+"""Errors the engine raises for bad input. Every message says what is wrong and what to do about it.
+
+Hosts (the CLI, the SD.Next extension) catch `CascadeError` and show `str(err)`; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class CascadeError(Exception):
+    """Base class of user-facing errors."""
+
+
+class CheckpointError(CascadeError):
+    """A checkpoint file or folder cannot be used."""
+
+
+class PickleRefusedError(CheckpointError):
+    """A pickled checkpoint (.ckpt/.pt/.pth/.bin) was given; pickles can run arbitrary code."""
+
+
+class CorruptFileError(CheckpointError):
+    """The file is not a readable safetensors file (truncated, damaged header, offsets outside the file)."""
+
+
+class NotStableCascadeError(CheckpointError):
+    """The file is a model of another family (SD 1.5, SDXL, ...) or not a model at all."""
+
+
+class WrongStageError(CheckpointError):
+    """A Stage B file was given where Stage C is expected, or the reverse."""
+
+
+class IncompatibleStagesError(CheckpointError):
+    """The stages given cannot be combined (their conditioning interfaces differ)."""
+
+
+class MissingComponentError(CheckpointError):
+    """A needed component (text encoder, Stage A) was found nowhere."""
+
+
+class InvalidRequestError(CascadeError):
+    """A generation parameter is out of range (size not a multiple of 128, steps < 1, ...)."""
+
+
+class GenerationInterrupted(CascadeError):
+    """The host asked to stop; raised between sampling steps, never in the middle of one."""

@@ -1,0 +1,259 @@
+"""Build models from repo configs on the meta device, then assign tensors straight from the mapped file.
+
+The flow is two-phase so nothing is loaded before we know it will work:
+1. `resolve_sources(prior, decoder, ...)` reads headers only: which file provides each component (prior UNet,
+   decoder UNet, CLIP-G, Stage A), in which layout, and whether the stages fit together. Wrong files fail here.
+2. `load_part(part, dtype=..., device=...)` instantiates the model with its parameters on the meta device (no
+   allocation, no random init), reads each tensor once from the memory map at the target dtype and device, and
+   assigns it (`load_state_dict(assign=True)`). Peak RAM is the loaded weights plus one tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .checkpoints import (
+    DECODER,
+    PRIOR,
+    STAGE_A,
+    TEXT_ENCODER,
+    Checkpoint,
+    Part,
+    require,
+    scan,
+    side_text_encoder_files,
+)
+from .errors import CheckpointError, IncompatibleStagesError, MissingComponentError
+from .keymaps import KeyMap, stage_a_keymap, text_encoder_keymap, unet_keymap
+from .tensorfile import TensorReader
+
+log = logging.getLogger(__name__)
+
+# Buffers that exist in our models but are legitimately absent from some files.
+_OPTIONAL_KEYS = ("num_batches_tracked",)
+
+
+@dataclass
+class Sources:
+    """Which part of which checkpoint provides each component; decided from headers alone."""
+
+    prior: Part
+    decoder: Part
+    text_encoder: Part
+    stage_a: Part
+    prior_checkpoint: Checkpoint
+    decoder_checkpoint: Checkpoint
+    notes: list[str] = field(default_factory=list)
+
+    def parts(self) -> dict[str, Part]:
+        return {PRIOR: self.prior, DECODER: self.decoder, TEXT_ENCODER: self.text_encoder, STAGE_A: self.stage_a}
+
+
+def _find_text_encoder(prior: Checkpoint, decoder: Checkpoint, explicit: Path | None, notes: list[str]) -> Part:
+    if explicit is not None:
+        ckpt = scan(explicit)
+        if TEXT_ENCODER not in ckpt.parts:
+            raise MissingComponentError(f"{explicit.name} holds no CLIP-G text encoder (it is a {ckpt.title}).")
+        notes.append(f"text encoder from {explicit.name}")
+        return ckpt.parts[TEXT_ENCODER]
+    if TEXT_ENCODER in prior.parts:
+        return prior.parts[TEXT_ENCODER]
+    tried = []
+    if prior.path.is_file():
+        for side in side_text_encoder_files(prior.path):
+            tried.append(side.name)
+            if side.is_file():
+                ckpt = scan(side)
+                if TEXT_ENCODER in ckpt.parts:
+                    notes.append(f"text encoder from side file {side.name}")
+                    return ckpt.parts[TEXT_ENCODER]
+    if TEXT_ENCODER in decoder.parts:
+        notes.append(f"text encoder taken from the decoder file {decoder.name} (the prior file has none)")
+        return decoder.parts[TEXT_ENCODER]
+    side_hint = f" or a side file next to it ({' / '.join(tried)})" if tried else ""
+    raise MissingComponentError(
+        f"No CLIP-G text encoder found: {prior.name} is a bare Stage C file and {decoder.name} has none either. "
+        f"Use the ComfyUI all-in-one 'main' file (it embeds CLIP-G){side_hint}, pass --text-encoder FILE "
+        "(e.g. text_encoder/model.safetensors from stabilityai/stable-cascade-prior), or use a diffusers folder."
+    )
+
+
+def _find_stage_a(prior: Checkpoint, decoder: Checkpoint, explicit: Path | None, notes: list[str]) -> Part:
+    if explicit is not None:
+        ckpt = scan(explicit)
+        if STAGE_A not in ckpt.parts:
+            raise MissingComponentError(f"{explicit.name} holds no Stage A VQGAN (it is a {ckpt.title}).")
+        notes.append(f"Stage A from {explicit.name}")
+        return ckpt.parts[STAGE_A]
+    for ckpt in (decoder, prior):
+        if STAGE_A in ckpt.parts:
+            return ckpt.parts[STAGE_A]
+    looked = []
+    for ckpt in (decoder, prior):
+        folder = ckpt.path.parent if ckpt.path.is_file() else ckpt.path
+        for candidate in sorted(folder.glob("stage_a*.safetensors")):
+            looked.append(candidate.name)
+            found = scan(candidate)
+            if STAGE_A in found.parts:
+                notes.append(f"Stage A from {candidate.name} next to the checkpoints")
+                return found.parts[STAGE_A]
+    raise MissingComponentError(
+        f"No Stage A (VQGAN) found: {decoder.name} is a bare Stage B file. Use the ComfyUI all-in-one decoder file "
+        "(it embeds Stage A), or put stage_a.safetensors (from stabilityai/stable-cascade) next to it, or pass "
+        "--stage-a FILE."
+    )
+
+
+def check_compatible(sources: Sources) -> None:
+    """The stages only need matching interfaces: any big/lite mix works, mismatched widths do not."""
+    te, c, b = sources.text_encoder.config, sources.prior.config, sources.decoder.config
+    checks = [
+        ("CLIP-G hidden size", te["hidden_size"], "Stage C clip_text_in_channels", c["clip_text_in_channels"]),
+        ("CLIP-G projection", te["projection_dim"], "Stage C pooled input", c["clip_text_pooled_in_channels"]),
+        ("CLIP-G projection", te["projection_dim"], "Stage B pooled input", b["clip_text_pooled_in_channels"]),
+        ("Stage C output channels", c["out_channels"], "Stage B effnet input", b["effnet_in_channels"]),
+    ]
+    for a_name, a, b_name, b_val in checks:
+        if a != b_val:
+            raise IncompatibleStagesError(
+                f"{sources.prior_checkpoint.name} and {sources.decoder_checkpoint.name} cannot work together: "
+                f"{a_name} is {a} but {b_name} is {b_val}. Use a Stage C and a Stage B from the Stable Cascade "
+                "family (big and lite mix freely)."
+            )
+
+
+def resolve_sources(
+    prior: str | Path,
+    decoder: str | Path,
+    *,
+    text_encoder: str | Path | None = None,
+    stage_a: str | Path | None = None,
+) -> Sources:
+    """Scan the given files/folders and decide where every component comes from. Reads headers only."""
+    prior_ckpt, decoder_ckpt = scan(prior), scan(decoder)
+    require(prior_ckpt, "stage_c", "--prior")
+    require(decoder_ckpt, "stage_b", "--decoder")
+    notes: list[str] = []
+    te = _find_text_encoder(prior_ckpt, decoder_ckpt, Path(text_encoder) if text_encoder else None, notes)
+    sa = _find_stage_a(prior_ckpt, decoder_ckpt, Path(stage_a) if stage_a else None, notes)
+    sources = Sources(prior_ckpt.parts[PRIOR], decoder_ckpt.parts[DECODER], te, sa, prior_ckpt, decoder_ckpt, notes)
+    check_compatible(sources)
+    return sources
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device while keeping buffers real.
+
+    Buffers such as CLIP's non-persistent `position_ids` are computed in __init__ and are not in any file, so they
+    must be materialised; parameters come from the file and would only waste time and RAM if initialised.
+    """
+    original = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            module._parameters[name] = meta
+
+    nn.Module.register_parameter = register_on_meta  # scoped: restored below, never leaks out of this block
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def instantiate(kind: str, config: dict) -> nn.Module:
+    """An empty model (parameters on meta) for a part kind and config."""
+    with parameters_on_meta():
+        if kind in (PRIOR, DECODER):
+            from .models import CascadeUNet
+
+            return CascadeUNet.from_config(config)
+        if kind == STAGE_A:
+            from .models import PaellaVQModel
+
+            return PaellaVQModel.from_config(config)
+        if kind == TEXT_ENCODER:
+            from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+            return CLIPTextModelWithProjection(CLIPTextConfig(**config))
+    raise ValueError(f"cannot instantiate part kind {kind!r}")
+
+
+def keymap_for(part: Part) -> KeyMap:
+    if part.kind in (PRIOR, DECODER):
+        return unet_keymap(part.keys, part.prefix, part.kind)
+    if part.kind == TEXT_ENCODER:
+        return text_encoder_keymap(part.keys, part.prefix)
+    if part.kind == STAGE_A:
+        return stage_a_keymap(part.keys, part.prefix)
+    raise ValueError(f"part kind {part.kind!r} is not loadable")
+
+
+def _read_state(part: Part, keymap: KeyMap, wanted: set[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Read every wanted tensor once, file by file; floating tensors are converted to `dtype` on the way."""
+    by_source: dict[str, list[tuple[str, int | None, bool]]] = {}
+    for target, src in keymap.items():
+        if target in wanted:
+            by_source.setdefault(src.key, []).append((target, src.chunk, src.transpose))
+    state: dict[str, torch.Tensor] = {}
+    for index, header in enumerate(part.headers):
+        keys = [k for k in by_source if part.key_header[k] == index]
+        if not keys:
+            continue
+        with TensorReader(header) as reader:
+            for key in keys:
+                info = header.tensors[key]
+                to_dtype = dtype if info.torch_dtype.is_floating_point else None
+                tensor = reader.get(key, to_dtype, device)
+                chunks = tensor.chunk(3, dim=0) if any(c is not None for _, c, _ in by_source[key]) else None
+                for target, chunk, transpose in by_source[key]:
+                    t = chunks[chunk] if chunk is not None else tensor
+                    state[target] = t.t().contiguous() if transpose else t
+    return state
+
+
+def load_part(part: Part, *, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
+    """Instantiate `part`'s model and fill it from the file(s): strict on missing tensors, lenient on extras."""
+    device = torch.device(device)
+    model = instantiate(part.kind, part.config)
+    expected = set(model.state_dict().keys())
+    keymap = keymap_for(part)
+    missing = sorted(k for k in expected - keymap.keys() if not k.endswith(_OPTIONAL_KEYS))
+    name = part.headers[0].path.name
+    if missing:
+        raise CheckpointError(
+            f"{name}: the {part.kind} weights are incomplete or of another architecture — {len(missing)} tensors "
+            f"missing, e.g. {', '.join(missing[:3])}. Download the file again or use an official layout."
+        )
+    extra = sorted(set(keymap) - expected)
+    if extra:
+        log.warning("%s: %d tensors of the %s part are not used: %s", name, len(extra), part.kind, ", ".join(extra[:5]))
+    state = _read_state(part, keymap, expected, dtype, device)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key, tensor in state.items():
+        if shapes[key] != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{name}: tensor {key} has shape {list(tensor.shape)} but the {part.kind} model expects "
+                f"{list(shapes[key])}; the file does not match its detected variant ({part.variant})."
+            )
+    model.load_state_dict(state, strict=False, assign=True)
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise CheckpointError(f"{name}: parameters left unloaded: {', '.join(leftover[:5])}")
+    # Buffers were created on the CPU at construction; bring them (and optional ones the file lacked) along.
+    model.to(device)
+    for buf_name, buf in model.named_buffers():
+        if buf.is_floating_point() and buf.dtype != dtype:
+            *path, leaf = buf_name.split(".")
+            owner = model.get_submodule(".".join(path)) if path else model
+            owner._buffers[leaf] = buf.to(dtype)
+    return model.eval().requires_grad_(False)

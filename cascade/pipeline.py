@@ -1,0 +1,311 @@
+"""Text -> Stage C -> Stage B -> Stage A, with our own sampling loop over diffusers' model classes.
+
+Why our own loop: diffusers' Stable Cascade pipelines are deprecated (frozen at 0.35.2) and differ from ComfyUI and
+the training code (no shift, Stage A scale 0.3764, timestep ratio rounded to the model dtype). This module follows
+reference §3-4: CFG on the denoised prediction in fp32, the unconditional pass skipped at CFG 1.0, the r-embedding
+in fp32 (see `models.unet`), Stage C latent 16 x H//c x W//c with clip_img zeros, Stage B conditioned on the
+Stage C latent (zeros for the unconditional pass), Stage A decoding 0.43 x latent.
+
+Seeds: every image's noise is drawn on the CPU from its own generator (seed + i), so one seed gives the same
+image on every device, and image i of a batch equals a single run with seed + i.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import sampling
+from .errors import GenerationInterrupted
+from .request import GenerationRequest, StageSettings, validate
+
+log = logging.getLogger(__name__)
+
+PHASES = ("text_encoder", "prior", "decoder", "vqgan")
+
+
+@dataclass
+class StepEvent:
+    """Reported after every sampling step; `latents` is the current denoised estimate (for live previews)."""
+
+    stage: str  # "prior" | "decoder"
+    step: int  # 1-based
+    total: int
+    sigma: float
+    latents: torch.Tensor
+
+
+@dataclass
+class Conditioning:
+    """CLIP-G text conditioning for a batch: hidden states before the final LayerNorm and the pooled embedding."""
+
+    hidden: torch.Tensor  # (B, 77*k, hidden)
+    pooled: torch.Tensor  # (B, 1, projection)
+
+    def repeat(self, n: int) -> "Conditioning":
+        return Conditioning(self.hidden.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0))
+
+
+@dataclass
+class GenerationResult:
+    images: torch.Tensor  # (B, 3, H, W) float in [0, 1], on the CPU
+    seeds: list[int]
+    request: GenerationRequest
+    dtypes: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+class Placement(Protocol):
+    """Decides where components live between phases (cascade.memory implements the plans)."""
+
+    def initial_device(self, phase: str) -> torch.device: ...
+
+    def enter(self, phase: str, components: dict[str, nn.Module]) -> None: ...
+
+
+class Resident:
+    """Everything is loaded onto the compute device and stays there."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+
+    def initial_device(self, phase: str) -> torch.device:
+        return self.device
+
+    def enter(self, phase: str, components: dict[str, nn.Module]) -> None:
+        return None
+
+
+class CascadePipeline:
+    """Holds the loaded components and runs generations. Host-independent: no SD.Next, no printing."""
+
+    def __init__(
+        self,
+        *,
+        tokenizer,
+        text_encoder: nn.Module,
+        prior: nn.Module,
+        decoder: nn.Module,
+        stage_a: nn.Module,
+        device: torch.device,
+        placement: Placement | None = None,
+        sources=None,
+        backend=None,
+    ):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.prior = prior
+        self.decoder = decoder
+        self.stage_a = stage_a
+        self.device = torch.device(device)
+        self.placement = placement or Resident(self.device)
+        self.sources = sources
+        self.backend = backend
+        self._empty: Conditioning | None = None
+
+    @property
+    def components(self) -> dict[str, nn.Module]:
+        return {"text_encoder": self.text_encoder, "prior": self.prior, "decoder": self.decoder, "vqgan": self.stage_a}
+
+    def _enter(self, phase: str) -> None:
+        self.placement.enter(phase, self.components)
+
+    # --- text ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """CLIP-G conditioning for each prompt (weights, long prompts and BREAK handled by cascade.text)."""
+        from .text import encode_prompts
+
+        self._enter("text_encoder")
+        hidden, pooled = encode_prompts(self.text_encoder, self.tokenizer, prompts)
+        return Conditioning(hidden.float(), pooled.float())
+
+    # --- denoisers ----------------------------------------------------------------------------------------
+    def _denoiser(
+        self,
+        unet: nn.Module,
+        cond: dict[str, torch.Tensor],
+        uncond: dict[str, torch.Tensor] | None,
+        cfg: float,
+        rescale: float,
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """denoiser(x, sigma) -> x0 in fp32: ComfyUI's EPS model call plus CFG (reference §4.4, §3.5)."""
+        dtype = next(unet.parameters()).dtype
+        use_cfg = uncond is not None and cfg != 1.0
+        batched = use_cfg and all(cond[k].shape == uncond[k].shape for k in cond)
+        both = {k: torch.cat([cond[k], uncond[k]]) for k in cond} if batched else None
+
+        def eps_of(x_in: torch.Tensor, r: torch.Tensor, kwargs: dict[str, torch.Tensor]) -> torch.Tensor:
+            return unet(x_in, r, **kwargs, return_dict=False)[0].float()
+
+        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            sigma = sigma.float().reshape(-1)[:1].to(x.device)
+            x_in = (x / torch.sqrt(sigma**2 + 1)).to(dtype)
+            r = sampling.timestep_from_sigma(sigma).to(x.device).float().expand(x.shape[0])
+            if not use_cfg:
+                eps = eps_of(x_in, r, cond)
+            else:
+                if batched:
+                    eps_c, eps_u = eps_of(torch.cat([x_in, x_in]), torch.cat([r, r]), both).chunk(2)
+                else:
+                    eps_c, eps_u = eps_of(x_in, r, cond), eps_of(x_in, r, uncond)
+                eps = eps_u + cfg * (eps_c - eps_u)
+                if rescale > 0:
+                    eps = _rescale_cfg(eps, eps_c, rescale)
+            return x - eps * sigma
+
+        return denoise
+
+    def _sample_stage(
+        self,
+        stage: str,
+        denoiser,
+        settings: StageSettings,
+        shape: tuple[int, ...],
+        seeds: list[int],
+        callback: Callable[[StepEvent], None] | None,
+        interrupt: Callable[[], bool] | None,
+    ) -> torch.Tensor:
+        sigmas = sampling.sigmas_for(settings.sampler, settings.scheduler, settings.steps, settings.shift, settings.denoise)
+        noise = torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seeds])
+        x = (noise * sampling.initial_noise_scale(sigmas)).to(self.device)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        total = len(sigmas) - 1
+
+        def on_step(step: int, total_: int, sigma: torch.Tensor, x_: torch.Tensor, denoised: torch.Tensor) -> None:
+            if callback is not None:
+                callback(StepEvent(stage, step + 1, total_, float(sigma), denoised))
+            if interrupt is not None and interrupt():
+                raise GenerationInterrupted(f"interrupted during the {stage} stage at step {step + 1}/{total_}")
+
+        if interrupt is not None and interrupt():
+            raise GenerationInterrupted(f"interrupted before the {stage} stage")
+        log.debug("%s: %d steps, sigmas %s", stage, total, [round(float(s), 4) for s in sigmas[:4]])
+        return sampling.sample(settings.sampler, denoiser, x, sigmas, generators, callback=on_step)
+
+    # --- stages -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run_prior(
+        self,
+        request: GenerationRequest,
+        cond: Conditioning,
+        uncond: Conditioning,
+        callback: Callable[[StepEvent], None] | None = None,
+        interrupt: Callable[[], bool] | None = None,
+    ) -> torch.Tensor:
+        """Stage C: the 16-channel image embedding (B, 16, H//c, W//c), fp32."""
+        self._enter("prior")
+        dtype = next(self.prior.parameters()).dtype
+        shape = request.prior_latent_shape()
+        img_dim = self.prior.config.clip_image_in_channels
+        clip_img = torch.zeros(shape[0], 1, img_dim, device=self.device, dtype=dtype)
+
+        def kwargs(c: Conditioning) -> dict[str, torch.Tensor]:
+            return {
+                "clip_text": c.hidden.to(self.device, dtype),
+                "clip_text_pooled": c.pooled.to(self.device, dtype),
+                "clip_img": clip_img,
+            }
+
+        cond_kw, uncond_kw = kwargs(cond), kwargs(uncond)
+        if request.prior.cfg != 1.0:
+            from .text import match_sequence_lengths
+
+            matched = match_sequence_lengths(cond_kw["clip_text"], uncond_kw["clip_text"])
+            if matched is not None:
+                cond_kw["clip_text"], uncond_kw["clip_text"] = matched
+        denoiser = self._denoiser(self.prior, cond_kw, uncond_kw, request.prior.cfg, request.cfg_rescale)
+        return self._sample_stage("prior", denoiser, request.prior, shape, request.seeds, callback, interrupt)
+
+    @torch.inference_mode()
+    def run_decoder(
+        self,
+        request: GenerationRequest,
+        prior_latents: torch.Tensor,
+        cond: Conditioning,
+        uncond: Conditioning,
+        callback: Callable[[StepEvent], None] | None = None,
+        interrupt: Callable[[], bool] | None = None,
+    ) -> torch.Tensor:
+        """Stage B: the 4-channel Stage A latent (B, 4, H/4, W/4) in model space, fp32."""
+        self._enter("decoder")
+        dtype = next(self.decoder.parameters()).dtype
+        shape = request.decoder_latent_shape()
+        # Resize the effnet conditioning to the UNet's first level in fp32 ourselves (the original code does it in
+        # fp32; diffusers would interpolate in the model dtype). The model's own resize is then an exact identity.
+        grid = (shape[2] // self.decoder.config.patch_size, shape[3] // self.decoder.config.patch_size)
+        effnet = F.interpolate(prior_latents.float(), size=grid, mode="bilinear", align_corners=True)
+        effnet = effnet.to(self.device, dtype)
+        cond_kw = {"clip_text_pooled": cond.pooled.to(self.device, dtype), "effnet": effnet}
+        uncond_kw = {"clip_text_pooled": uncond.pooled.to(self.device, dtype), "effnet": torch.zeros_like(effnet)}
+        denoiser = self._denoiser(self.decoder, cond_kw, uncond_kw, request.decoder.cfg, 0.0)
+        return self._sample_stage("decoder", denoiser, request.decoder, shape, request.seeds, callback, interrupt)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, scale: float) -> torch.Tensor:
+        """Stage A: pixels in [0, 1], (B, 3, H, W) fp32 on the CPU."""
+        self._enter("vqgan")
+        dtype = next(self.stage_a.parameters()).dtype
+        images = self.stage_a.decode((latents * scale).to(self.device, dtype)).sample
+        return images.float().clamp(0, 1).cpu()
+
+    # --- the whole thing ----------------------------------------------------------------------------------
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        callback: Callable[[StepEvent], None] | None = None,
+        interrupt: Callable[[], bool] | None = None,
+        cond: Conditioning | None = None,
+        uncond: Conditioning | None = None,
+    ) -> GenerationResult:
+        """Run one request end to end. `cond`/`uncond` let a host pass its own prompt encodings (one per prompt)."""
+        validate(request)
+        request = request.with_seed()
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if cond is None:
+            cond = self.encode([request.prompt])
+        if uncond is None:
+            uncond = self.encode([request.negative_prompt])
+        batch = request.batch_size
+        cond = cond if cond.hidden.shape[0] == batch else cond.repeat(batch // cond.hidden.shape[0])
+        uncond = uncond if uncond.hidden.shape[0] == batch else uncond.repeat(batch // uncond.hidden.shape[0])
+        timings["text"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        prior_latents = self.run_prior(request, cond, uncond, callback, interrupt)
+        timings["prior"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        latents = self.run_decoder(request, prior_latents, cond, uncond, callback, interrupt)
+        timings["decoder"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        images = self.decode(latents, request.stage_a_scale)
+        timings["vqgan"] = time.perf_counter() - t0
+        dtypes = {name: str(next(m.parameters()).dtype).removeprefix("torch.") for name, m in self.components.items()}
+        return GenerationResult(images, request.seeds, request, dtypes, timings)
+
+
+def _rescale_cfg(eps: torch.Tensor, eps_cond: torch.Tensor, rho: float) -> torch.Tensor:
+    """The original code's CFG rescale (cfg_rho, 0.7 there): match the guided prediction's std to the conditional one.
+
+    Applied per image on the epsilon prediction, the model's raw output, as Stable Cascade's gdf does.
+    """
+    dims = tuple(range(1, eps.ndim))
+    ratio = eps_cond.std(dim=dims, keepdim=True) / eps.std(dim=dims, keepdim=True).clamp_min(1e-8)
+    return rho * eps * ratio + (1 - rho) * eps
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(B, 3, H, W) in [0, 1] -> PIL images (rounded, not truncated)."""
+    from PIL import Image
+
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]

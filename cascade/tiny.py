@@ -1,0 +1,258 @@
+"""The embedded tiny model: random weights, real architectures, real file layouts.
+
+Used by `python -m cascade generate` when no checkpoints are given and by the tests. Every component is built
+from a small config with the real classes (StableCascadeUNet, CLIPTextModelWithProjection, Paella VQ), seeded, and
+written in the layouts people actually download: ComfyUI all-in-one Stage C and Stage B files, Stability's bare
+files, kohya/OneTrainer text-encoder side files, a bare stage_a.safetensors, and diffusers folders. The tiny
+widths match no official variant, so each file carries its configs in the safetensors metadata
+(`cascade.config.<part>`), which `cascade.checkpoints` reads only when the shapes are unknown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import configs
+from .checkpoints import DECODER, METADATA_CONFIG, PRIOR, STAGE_A, TEXT_ENCODER
+from .keymaps import unet_keys_for_layout
+from .tensorfile import write_safetensors
+
+FORMAT_VERSION = "1"  # bump when the tiny configs or layouts change, so caches are rebuilt
+
+TINY_PRIOR = {
+    **configs.PRIOR,
+    "conditioning_dim": 64,
+    "block_out_channels": [64, 64],
+    "num_attention_heads": [2, 2],
+    "down_num_layers_per_block": [1, 2],
+    "up_num_layers_per_block": [2, 1],
+    "clip_text_in_channels": 32,
+    "clip_text_pooled_in_channels": 32,
+}
+TINY_DECODER = {
+    **configs.DECODER,
+    "conditioning_dim": 64,
+    "block_out_channels": [16, 32, 64, 64],
+    "num_attention_heads": [0, 0, 2, 2],
+    "down_num_layers_per_block": [1, 1, 1, 1],
+    "up_num_layers_per_block": [1, 1, 1, 1],
+    "up_blocks_repeat_mappers": [2, 2, 1, 1],
+    "clip_text_pooled_in_channels": 32,
+}
+TINY_TEXT_ENCODER = {
+    **configs.CLIP_G,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "projection_dim": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+}
+TINY_STAGE_A = {**configs.STAGE_A, "embed_dim": 32, "bottleneck_blocks": 1}
+TINY_CONFIGS = {PRIOR: TINY_PRIOR, DECODER: TINY_DECODER, TEXT_ENCODER: TINY_TEXT_ENCODER, STAGE_A: TINY_STAGE_A}
+
+# Placeholders with the real key names for the parts we list but never load (Stage C coder, CLIP vision).
+_EXTRAS_C = {
+    "vae.encoder.backbone.0.0.weight": (8, 3, 3, 3),
+    "vae.encoder.mapper.0.weight": (16, 8, 1, 1),
+    "vae.previewer.blocks.0.weight": (8, 16, 1, 1),
+    "clip_l_vision.vision_model.embeddings.class_embedding": (16,),
+    "clip_l_vision.visual_projection.weight": (8, 16),
+}
+
+
+@dataclass
+class TinyModels:
+    """The four components with deterministic random weights, in our models' own (diffusers/HF) key names."""
+
+    prior: nn.Module
+    decoder: nn.Module
+    text_encoder: nn.Module
+    stage_a: nn.Module
+
+    def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {
+            PRIOR: self.prior.state_dict(),
+            DECODER: self.decoder.state_dict(),
+            TEXT_ENCODER: self.text_encoder.state_dict(),
+            STAGE_A: self.stage_a.state_dict(),
+        }
+
+
+def build_tiny_models(seed: int = 0) -> TinyModels:
+    """Instantiate the tiny configs with seeded weights; zero-initialised gains get small random values too."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from .models import CascadeUNet, PaellaVQModel
+
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        models = TinyModels(
+            prior=CascadeUNet.from_config(TINY_PRIOR),
+            decoder=CascadeUNet.from_config(TINY_DECODER),
+            text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_ENCODER)),
+            stage_a=PaellaVQModel.from_config(TINY_STAGE_A),
+        )
+        for module in (models.prior, models.decoder, models.stage_a):
+            for name, p in module.named_parameters():
+                if name.endswith(("gamma", "beta", "gammas")):
+                    with torch.no_grad():
+                        p.normal_(0.0, 0.1)
+        for module in (models.prior, models.decoder, models.text_encoder, models.stage_a):
+            module.eval().requires_grad_(False)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return models
+
+
+def _metadata(*kinds: str) -> dict[str, str]:
+    meta = {"cascade.tiny": "random weights, for tests and demos", "cascade.tiny.version": FORMAT_VERSION}
+    for kind in kinds:
+        meta[METADATA_CONFIG + kind] = json.dumps(TINY_CONFIGS[kind])
+    return meta
+
+
+def _unet_tensors(state: dict[str, torch.Tensor], layout: str, stage: str, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out = {}
+    for file_key, members in unet_keys_for_layout(state.keys(), layout, stage).items():
+        tensors = [state[model_key] for model_key, _ in members]
+        t = torch.cat(tensors, dim=0) if len(tensors) > 1 else tensors[0]
+        out[prefix + file_key] = t.to(dtype)
+    return out
+
+
+def _text_encoder_tensors(state: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype, projection: str) -> dict[str, torch.Tensor]:
+    """CLIP tensors under `prefix`; projection 'linear' (`...transformer.text_projection.weight`) or 'bare'."""
+    out = {}
+    for key, t in state.items():
+        if key.endswith("position_ids"):
+            continue
+        if key == "text_projection.weight" and projection == "bare":
+            bare = prefix[: -len("transformer.")] + "text_projection"
+            out[bare] = t.t().contiguous().to(dtype)
+            continue
+        out[prefix + key] = t.to(dtype)
+    if prefix.endswith("transformer."):
+        out[prefix[: -len("transformer.")] + "logit_scale"] = torch.tensor(4.6052, dtype=dtype)
+    return out
+
+
+def _stage_a_tensors(state: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype, original_names: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, t in state.items():
+        if original_names and key == "vquantizer.embedding.weight":
+            key = "vquantizer.codebook.weight"
+        out[prefix + key] = t.to(dtype) if t.is_floating_point() else t
+    return out
+
+
+def write_comfyui_stage_c(path: Path, models: TinyModels, *, dtype=torch.float16, projection: str = "bare",
+                          extras: bool = True, text_encoder: bool = True, extra_tensors: dict | None = None) -> Path:
+    """A ComfyUI all-in-one Stage C file: UNet + CLIG-G (+ Stage C coder and CLIP vision placeholders)."""
+    sd = models.state_dicts()
+    tensors = _unet_tensors(sd[PRIOR], "comfyui", PRIOR, "model.diffusion_model.", dtype)
+    kinds = [PRIOR]
+    if text_encoder:
+        tensors |= _text_encoder_tensors(sd[TEXT_ENCODER], "text_encoder.clip_g.transformer.", dtype, projection)
+        kinds.append(TEXT_ENCODER)
+    if extras:
+        gen = torch.Generator().manual_seed(1)
+        tensors |= {k: torch.randn(s, generator=gen).to(dtype) for k, s in _EXTRAS_C.items()}
+    tensors |= extra_tensors or {}
+    write_safetensors(path, tensors, _metadata(*kinds))
+    return path
+
+
+def write_comfyui_stage_b(path: Path, models: TinyModels, *, dtype=torch.float16, text_encoder: bool = True) -> Path:
+    """A ComfyUI all-in-one Stage B file: UNet (`clip_mapper` naming) + CLIP-G + Stage A under `vae.`."""
+    sd = models.state_dicts()
+    tensors = _unet_tensors(sd[DECODER], "comfyui", DECODER, "model.diffusion_model.", dtype)
+    kinds = [DECODER, STAGE_A]
+    if text_encoder:
+        tensors |= _text_encoder_tensors(sd[TEXT_ENCODER], "text_encoder.clip_g.transformer.", dtype, "linear")
+        kinds.append(TEXT_ENCODER)
+    tensors |= _stage_a_tensors(sd[STAGE_A], "vae.", dtype, original_names=True)
+    write_safetensors(path, tensors, _metadata(*kinds))
+    return path
+
+
+def write_stability_unet(path: Path, models: TinyModels, stage: str, *, dtype=torch.bfloat16) -> Path:
+    """Stability's bare single file (no prefix, attention as stacked in_proj, Stage B `clip_mapper`)."""
+    tensors = _unet_tensors(models.state_dicts()[stage], "stability", stage, "", dtype)
+    write_safetensors(path, tensors, _metadata(stage))
+    return path
+
+
+def write_text_encoder_side_file(path: Path, models: TinyModels, *, dtype=torch.float16) -> Path:
+    """kohya `<name>_text_model.safetensors` / OneTrainer `<name>_text_encoder.safetensors` (plain HF keys)."""
+    tensors = _text_encoder_tensors(models.state_dicts()[TEXT_ENCODER], "", dtype, "linear")
+    write_safetensors(path, tensors, _metadata(TEXT_ENCODER))
+    return path
+
+
+def write_stage_a(path: Path, models: TinyModels, *, dtype=torch.float32) -> Path:
+    """A bare stage_a.safetensors with the original (`vquantizer.codebook`) names."""
+    tensors = _stage_a_tensors(models.state_dicts()[STAGE_A], "", dtype, original_names=True)
+    write_safetensors(path, tensors, _metadata(STAGE_A))
+    return path
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def write_diffusers_folders(root: Path, models: TinyModels, *, dtype=torch.bfloat16) -> tuple[Path, Path]:
+    """Prior and decoder pipeline folders as diffusers saves them (model_index.json + component subfolders)."""
+    from .text import TOKENIZER_DIR
+
+    sd = models.state_dicts()
+    prior_dir, decoder_dir = root / "prior_pipeline", root / "decoder_pipeline"
+    for folder, unet_name, stage in ((prior_dir, "prior", PRIOR), (decoder_dir, "decoder", DECODER)):
+        _write_json(folder / unet_name / "config.json", {"_class_name": "StableCascadeUNet", **TINY_CONFIGS[stage]})
+        write_safetensors(folder / unet_name / "diffusion_pytorch_model.safetensors",
+                          _unet_tensors(sd[stage], "diffusers", stage, "", dtype))
+        _write_json(folder / "text_encoder" / "config.json",
+                    {"architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model", **TINY_TEXT_ENCODER})
+        write_safetensors(folder / "text_encoder" / "model.safetensors", _text_encoder_tensors(sd[TEXT_ENCODER], "", dtype, "linear"))
+        shutil.copytree(TOKENIZER_DIR, folder / "tokenizer", dirs_exist_ok=True)
+        _write_json(folder / "scheduler" / "scheduler_config.json", {"_class_name": "DDPMWuerstchenScheduler", "s": 0.008, "scaler": 1.0})
+    _write_json(prior_dir / "model_index.json", {
+        "_class_name": "StableCascadePriorPipeline", "prior": ["diffusers", "StableCascadeUNet"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMWuerstchenScheduler"], "resolution_multiple": 42.67})
+    _write_json(decoder_dir / "vqgan" / "config.json", {"_class_name": "PaellaVQModel", **TINY_STAGE_A})
+    write_safetensors(decoder_dir / "vqgan" / "diffusion_pytorch_model.safetensors",
+                      _stage_a_tensors(sd[STAGE_A], "", dtype, original_names=False))
+    _write_json(decoder_dir / "model_index.json", {
+        "_class_name": "StableCascadeDecoderPipeline", "decoder": ["diffusers", "StableCascadeUNet"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMWuerstchenScheduler"], "vqgan": ["wuerstchen", "PaellaVQModel"],
+        "latent_dim_scale": 10.67})
+    return prior_dir, decoder_dir
+
+
+def cache_dir() -> Path:
+    """Where generated tiny checkpoints are kept: $CASCADE_CACHE_DIR, else $XDG_CACHE_HOME/sd-cascade."""
+    if os.environ.get("CASCADE_CACHE_DIR"):
+        return Path(os.environ["CASCADE_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "sd-cascade"
+
+
+def ensure_tiny_checkpoints(folder: Path | None = None, seed: int = 0) -> tuple[Path, Path]:
+    """The tiny ComfyUI Stage C ('main') and Stage B ('decoder') files, written once and then reused."""
+    folder = Path(folder) if folder else cache_dir() / f"tiny-v{FORMAT_VERSION}-seed{seed}"
+    prior, decoder = folder / "tiny_cascade_stage_c.safetensors", folder / "tiny_cascade_stage_b.safetensors"
+    if not (prior.is_file() and decoder.is_file()):
+        models = build_tiny_models(seed)
+        write_comfyui_stage_c(prior, models)
+        write_comfyui_stage_b(decoder, models)
+    return prior, decoder
