@@ -1,0 +1,148 @@
+"""End-to-end tiny generation: determinism, sizes, compression, CFG skipping, interrupts, batches, validation."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cascade.errors import GenerationInterrupted, InvalidRequestError
+from cascade.request import GenerationRequest, StageSettings, validate
+
+FAST_PRIOR = StageSettings(steps=6, cfg=7.0, sampler="ddpm", scheduler="sgm_uniform", shift=2.0)
+FAST_DECODER = StageSettings(steps=3, cfg=1.0, sampler="euler_ancestral", scheduler="karras", shift=1.0)
+
+
+def request(**kw) -> GenerationRequest:
+    base = dict(prompt="1girl, solo, smile", negative_prompt="worst quality", width=256, height=384, seed=7,
+                prior=FAST_PRIOR, decoder=FAST_DECODER)
+    return GenerationRequest(**{**base, **kw})
+
+
+class CallCounter:
+    def __init__(self, module):
+        self.calls, self.batches = 0, []
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        self.calls += 1
+        self.batches.append(args[0].shape[0])
+
+    def remove(self):
+        self.handle.remove()
+
+
+def test_same_seed_same_image_and_size(tiny_pipeline):
+    a = tiny_pipeline.generate(request())
+    b = tiny_pipeline.generate(request())
+    assert a.images.shape == (1, 3, 384, 256)
+    assert torch.equal(a.images, b.images)
+    assert a.seeds == [7]
+    assert a.images.min() >= 0 and a.images.max() <= 1
+
+
+def test_different_seeds_differ(tiny_pipeline):
+    a = tiny_pipeline.generate(request(seed=1))
+    b = tiny_pipeline.generate(request(seed=2))
+    assert (a.images - b.images).abs().mean() > 0.01
+
+
+def test_random_seed_is_drawn_and_reported(tiny_pipeline):
+    result = tiny_pipeline.generate(request(seed=-1))
+    assert result.seeds[0] >= 0 and result.request.seed == result.seeds[0]
+
+
+@pytest.mark.parametrize("compression,expected", [(42, (9, 6)), (32, (12, 8)), (64, (6, 4))])
+def test_prior_latent_follows_compression(tiny_pipeline, compression, expected):
+    shapes = {}
+    tiny_pipeline.generate(request(compression=compression), callback=lambda e: shapes.setdefault(e.stage, e.latents.shape))
+    assert shapes["prior"] == (1, 16, *expected)  # H//c x W//c for 384x256
+    assert shapes["decoder"] == (1, 4, 96, 64)  # H/4 x W/4, independent of compression
+
+
+def test_cfg_one_skips_unconditional_pass(tiny_pipeline):
+    prior, decoder = CallCounter(tiny_pipeline.prior), CallCounter(tiny_pipeline.decoder)
+    try:
+        tiny_pipeline.generate(request(decoder=replace(FAST_DECODER, cfg=1.0)))
+        assert prior.calls == FAST_PRIOR.steps and set(prior.batches) == {2}  # cond+uncond batched
+        assert decoder.calls == FAST_DECODER.steps and set(decoder.batches) == {1}  # CFG 1.0: cond only
+        decoder.calls, decoder.batches = 0, []
+        tiny_pipeline.generate(request(decoder=replace(FAST_DECODER, cfg=1.2)))
+        assert set(decoder.batches) == {2}
+    finally:
+        prior.remove()
+        decoder.remove()
+
+
+def test_progress_reports_every_step_of_both_stages(tiny_pipeline):
+    events = []
+    tiny_pipeline.generate(request(), callback=lambda e: events.append((e.stage, e.step, e.total)))
+    assert events == [("prior", i, 6) for i in range(1, 7)] + [("decoder", i, 3) for i in range(1, 4)]
+
+
+def test_interrupt_stops_between_steps(tiny_pipeline):
+    seen = []
+
+    def interrupt() -> bool:
+        return len(seen) >= 2
+
+    with pytest.raises(GenerationInterrupted, match="prior stage at step 2/6"):
+        tiny_pipeline.generate(request(), callback=lambda e: seen.append(e.step), interrupt=interrupt)
+    assert seen == [1, 2]
+    # The pipeline is still usable afterwards.
+    assert tiny_pipeline.generate(request()).images.shape == (1, 3, 384, 256)
+
+
+def test_batch_image_equals_single_run_with_seed_plus_index(tiny_pipeline):
+    batch = tiny_pipeline.generate(request(batch_size=2, seed=10))
+    assert batch.seeds == [10, 11]
+    for i, seed in enumerate(batch.seeds):
+        single = tiny_pipeline.generate(request(seed=seed))
+        assert torch.allclose(batch.images[i], single.images[0], atol=1e-4)
+
+
+def test_long_and_short_prompts_together(tiny_pipeline):
+    """A 2-chunk positive with a 1-chunk negative runs (tiled like ComfyUI) and differs from the short prompt."""
+    long_prompt = ", ".join(["masterpiece", "1girl", "solo", "smile"] * 30)
+    long = tiny_pipeline.generate(request(prompt=long_prompt))
+    short = tiny_pipeline.generate(request())
+    assert long.images.shape == short.images.shape
+    assert not torch.equal(long.images, short.images)
+
+
+def test_precomputed_conditioning_equals_prompt_path(tiny_pipeline):
+    """Hosts (SD.Next) may pass their own embeddings; the same embeddings give the same image."""
+    req = request()
+    cond, uncond = tiny_pipeline.encode([req.prompt]), tiny_pipeline.encode([req.negative_prompt])
+    a = tiny_pipeline.generate(req, cond=cond, uncond=uncond)
+    b = tiny_pipeline.generate(req)
+    assert torch.equal(a.images, b.images)
+
+
+def test_cfg_rescale_changes_result(tiny_pipeline):
+    a = tiny_pipeline.generate(request())
+    b = tiny_pipeline.generate(request(cfg_rescale=0.7))
+    assert not torch.equal(a.images, b.images)
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(width=1000), r"width 1000 is not a multiple of 128 \(nearest valid: 896 or 1024\)"),
+        (dict(height=100), r"height 100 .*nearest valid: 128"),
+        (dict(compression=8), "compression 8 is outside"),
+        (dict(batch_size=0), "batch size 0"),
+        (dict(prior=replace(FAST_PRIOR, steps=0)), "prior steps 0"),
+        (dict(decoder=replace(FAST_DECODER, denoise=0.0)), "decoder denoise"),
+    ],
+)
+def test_invalid_requests_name_the_fix(kw, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        validate(request(**kw))
+
+
+def test_stage_a_scale_matters(tiny_pipeline):
+    a = tiny_pipeline.generate(request())
+    b = tiny_pipeline.generate(request(stage_a_scale=0.3764))
+    assert not torch.equal(a.images, b.images)
