@@ -174,9 +174,11 @@ class CascadePipeline:
         interrupt: Callable[[], bool] | None,
     ) -> torch.Tensor:
         sigmas = sampling.sigmas_for(settings.sampler, settings.scheduler, settings.steps, settings.shift, settings.denoise)
-        noise = torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seeds])
-        x = (noise * sampling.initial_noise_scale(sigmas)).to(self.device)
+        # One CPU generator per image: it draws the initial noise, then keeps going for ancestral/SDE noise, so
+        # the two are independent (ComfyUI re-seeds the ancestral noise with the same seed) and device-agnostic.
         generators = [torch.Generator().manual_seed(s) for s in seeds]
+        noise = sampling.noise_like(torch.zeros(shape, device=self.device), generators)
+        x = noise * sampling.initial_noise_scale(sigmas)
         total = len(sigmas) - 1
 
         def on_step(step: int, total_: int, sigma: torch.Tensor, x_: torch.Tensor, denoised: torch.Tensor) -> None:
