@@ -116,7 +116,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
         selected = select_backend(args.device)
     except Exception as err:  # the doctor still shows what exists and why the request failed
         print(f"requested backend unavailable: {err}", file=sys.stderr)
-    report = doctor.report(selected)
+    report = doctor.report(selected, requested=args.device)
     print(json.dumps(report, indent=2, default=str) if args.json else doctor.format_report(report))
     return 0 if selected is not None else 2
 

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import DECODER, PRIOR, STAGE_A, TEXT_ENCODER
 from .loader import Sources, load_part, resolve_sources
-from .pipeline import CascadePipeline, Placement, Resident
+from .pipeline import COMPONENT_OF_PART, CascadePipeline, Placement, Resident
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +26,6 @@ _DTYPE_NAMES = {
     "fp16": torch.float16,
     "float16": torch.float16,
 }
-_PHASE_OF_PART = {TEXT_ENCODER: "text_encoder", PRIOR: "prior", DECODER: "decoder", STAGE_A: "vqgan"}
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -52,10 +50,10 @@ class LoadReport:
 def choose_dtypes(backend, requested: torch.dtype | None) -> dict[str, torch.dtype]:
     """Per-component dtypes from the backend policy; `requested` applies to the two UNets only."""
     return {
-        TEXT_ENCODER: backend.dtype_for("text_encoder"),
-        PRIOR: backend.dtype_for("prior", requested),
-        DECODER: backend.dtype_for("decoder", requested),
-        STAGE_A: backend.dtype_for("vqgan"),
+        "text_encoder": backend.dtype_for("text_encoder"),
+        "prior": backend.dtype_for("prior", requested),
+        "decoder": backend.dtype_for("decoder", requested),
+        "vqgan": backend.dtype_for("vqgan"),
     }
 
 
@@ -81,17 +79,18 @@ def load_pipeline(
     placement = placement or Resident(backend.device)
     modules = {}
     for kind, part in sources.parts().items():
-        target = placement.initial_device(_PHASE_OF_PART[kind])
+        name = COMPONENT_OF_PART[kind]
         t0 = time.perf_counter()
-        modules[kind] = load_part(part, dtype=report.dtypes[kind], device=target)
-        report.seconds[kind] = time.perf_counter() - t0
-        log.info("loaded %s (%s, %s) in %.1fs", kind, part.variant, report.dtypes[kind], report.seconds[kind])
+        modules[name] = load_part(part, dtype=report.dtypes[name], device=placement.initial_device(name),
+                                  pin_memory=placement.pins_host_memory(name))
+        report.seconds[name] = time.perf_counter() - t0
+        log.info("loaded %s (%s, %s) in %.1fs", name, part.variant, report.dtypes[name], report.seconds[name])
     pipe = CascadePipeline(
         tokenizer=load_tokenizer(),
-        text_encoder=modules[TEXT_ENCODER],
-        prior=modules[PRIOR],
-        decoder=modules[DECODER],
-        stage_a=modules[STAGE_A],
+        text_encoder=modules["text_encoder"],
+        prior=modules["prior"],
+        decoder=modules["decoder"],
+        stage_a=modules["vqgan"],
         device=backend.device,
         placement=placement,
         sources=sources,

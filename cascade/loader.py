@@ -198,7 +198,9 @@ def keymap_for(part: Part) -> KeyMap:
     raise ValueError(f"part kind {part.kind!r} is not loadable")
 
 
-def _read_state(part: Part, keymap: KeyMap, wanted: set[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+def _read_state(
+    part: Part, keymap: KeyMap, wanted: set[str], dtype: torch.dtype, device: torch.device, pin_memory: bool
+) -> dict[str, torch.Tensor]:
     """Read every wanted tensor once, file by file; floating tensors are converted to `dtype` on the way."""
     by_source: dict[str, list[tuple[str, int | None, bool]]] = {}
     for target, src in keymap.items():
@@ -213,7 +215,7 @@ def _read_state(part: Part, keymap: KeyMap, wanted: set[str], dtype: torch.dtype
             for key in keys:
                 info = header.tensors[key]
                 to_dtype = dtype if info.torch_dtype.is_floating_point else None
-                tensor = reader.get(key, to_dtype, device)
+                tensor = reader.get(key, to_dtype, device, pin_memory=pin_memory)
                 chunks = tensor.chunk(3, dim=0) if any(c is not None for _, c, _ in by_source[key]) else None
                 for target, chunk, transpose in by_source[key]:
                     t = chunks[chunk] if chunk is not None else tensor
@@ -221,8 +223,12 @@ def _read_state(part: Part, keymap: KeyMap, wanted: set[str], dtype: torch.dtype
     return state
 
 
-def load_part(part: Part, *, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
-    """Instantiate `part`'s model and fill it from the file(s): strict on missing tensors, lenient on extras."""
+def load_part(part: Part, *, dtype: torch.dtype, device: torch.device | str = "cpu", pin_memory: bool = False) -> nn.Module:
+    """Instantiate `part`'s model and fill it from the file(s): strict on missing tensors, lenient on extras.
+
+    pin_memory (CPU targets only): weights land in page-locked host memory, ready for fast uploads by the offload
+    executor.
+    """
     device = torch.device(device)
     model = instantiate(part.kind, part.config)
     expected = set(model.state_dict().keys())
@@ -237,7 +243,7 @@ def load_part(part: Part, *, dtype: torch.dtype, device: torch.device | str = "c
     extra = sorted(set(keymap) - expected)
     if extra:
         log.warning("%s: %d tensors of the %s part are not used: %s", name, len(extra), part.kind, ", ".join(extra[:5]))
-    state = _read_state(part, keymap, expected, dtype, device)
+    state = _read_state(part, keymap, expected, dtype, device, pin_memory and device.type == "cpu")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for key, tensor in state.items():
         if shapes[key] != tuple(tensor.shape):

@@ -12,6 +12,7 @@ image on every device, and image i of a batch equals a single run with seed + i.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,12 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import sampling
-from .errors import GenerationInterrupted
+from .errors import CascadeError, GenerationInterrupted
 from .request import GenerationRequest, StageSettings, validate
 
 log = logging.getLogger(__name__)
 
 PHASES = ("text_encoder", "prior", "decoder", "vqgan")
+# Checkpoint part kinds -> pipeline component names (diffusers/SD.Next call Stage A "vqgan").
+COMPONENT_OF_PART = {"text_encoder": "text_encoder", "prior": "prior", "decoder": "decoder", "stage_a": "vqgan"}
 
 
 @dataclass
@@ -63,24 +66,80 @@ class GenerationResult:
 
 
 class Placement(Protocol):
-    """Decides where components live between phases (cascade.memory implements the plans)."""
+    """Decides where components live in each phase (cascade.offload executes the memory plans)."""
 
-    def initial_device(self, phase: str) -> torch.device: ...
+    name: str
+
+    def initial_device(self, component: str) -> torch.device: ...
+
+    def pins_host_memory(self, component: str) -> bool: ...
 
     def enter(self, phase: str, components: dict[str, nn.Module]) -> None: ...
 
+    def degrade(self, components: dict[str, nn.Module]) -> str | None:
+        """After an out-of-memory error: switch one level down the plan ladder; the new mode, or None."""
+        ...
+
 
 class Resident:
-    """Everything is loaded onto the compute device and stays there."""
+    """Everything is loaded onto the compute device and stays there (no plan, nothing to fall back to)."""
+
+    name = "resident"
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
 
-    def initial_device(self, phase: str) -> torch.device:
+    def initial_device(self, component: str) -> torch.device:
         return self.device
+
+    def pins_host_memory(self, component: str) -> bool:
+        return False
 
     def enter(self, phase: str, components: dict[str, nn.Module]) -> None:
         return None
+
+    def degrade(self, components: dict[str, nn.Module]) -> str | None:
+        return None
+
+
+def cfg_denoiser(
+    unet: nn.Module,
+    cond: dict[str, torch.Tensor],
+    uncond: dict[str, torch.Tensor] | None,
+    cfg: float,
+    rescale: float = 0.0,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """denoiser(x, sigma) -> x0 in fp32: ComfyUI's EPS model call plus CFG (reference §4.4, §3.5).
+
+    The sampler state x is in VE space; the model sees x / sqrt(sigma^2 + 1) in its own dtype and the unshifted
+    timestep ratio r in fp32. Cond and uncond run as one batch when their shapes match, else as two calls; at
+    CFG 1.0 (or without uncond) only the conditional pass runs.
+    """
+    dtype = next(unet.parameters()).dtype
+    use_cfg = uncond is not None and cfg != 1.0
+    batched = use_cfg and all(cond[k].shape == uncond[k].shape for k in cond)
+    both = {k: torch.cat([cond[k], uncond[k]]) for k in cond} if batched else None
+
+    def eps_of(x_in: torch.Tensor, r: torch.Tensor, kwargs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return unet(x_in, r, **kwargs, return_dict=False)[0].float()
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = sigma.float().reshape(-1)[:1].to(x.device)
+        x_in = (x / torch.sqrt(sigma**2 + 1)).to(dtype)
+        r = sampling.timestep_from_sigma(sigma).to(x.device).float().expand(x.shape[0])
+        if not use_cfg:
+            eps = eps_of(x_in, r, cond)
+        else:
+            if batched:
+                eps_c, eps_u = eps_of(torch.cat([x_in, x_in]), torch.cat([r, r]), both).chunk(2)
+            else:
+                eps_c, eps_u = eps_of(x_in, r, cond), eps_of(x_in, r, uncond)
+            eps = eps_u + cfg * (eps_c - eps_u)
+            if rescale > 0:
+                eps = _rescale_cfg(eps, eps_c, rescale)
+        return x - eps * sigma
+
+    return denoise
 
 
 class CascadePipeline:
@@ -117,6 +176,33 @@ class CascadePipeline:
     def _enter(self, phase: str) -> None:
         self.placement.enter(phase, self.components)
 
+    def _run_phase(self, phase: str, fn: Callable[[], object], warnings: list[str]):
+        """Run a phase; on out-of-memory, fall one level down the memory plan and retry once."""
+        try:
+            return fn()
+        except torch.OutOfMemoryError:
+            pass  # leave the except block first: the failed attempt's frames (and its tensors) are freed with it
+        gc.collect()
+        previous = self.placement.name
+        mode = self.placement.degrade(self.components)
+        if mode is None:
+            raise CascadeError(
+                f"Out of memory in the {phase} phase with the {previous!r} memory plan, and no smaller plan is left. "
+                "Lower the size or the batch, or use a lite model."
+            )
+        message = f"out of memory in the {phase} phase with the {previous!r} plan; retried with the {mode!r} plan"
+        log.warning(message)
+        warnings.append(message)
+        try:
+            return fn()
+        except torch.OutOfMemoryError:
+            pass
+        gc.collect()
+        raise CascadeError(
+            f"Out of memory in the {phase} phase even with the {mode!r} memory plan. Lower the size or the batch, "
+            "or close other programs using the GPU. Nothing was written; the next generation can run."
+        )
+
     # --- text ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> Conditioning:
@@ -126,42 +212,6 @@ class CascadePipeline:
         self._enter("text_encoder")
         hidden, pooled = encode_prompts(self.text_encoder, self.tokenizer, prompts)
         return Conditioning(hidden.float(), pooled.float())
-
-    # --- denoisers ----------------------------------------------------------------------------------------
-    def _denoiser(
-        self,
-        unet: nn.Module,
-        cond: dict[str, torch.Tensor],
-        uncond: dict[str, torch.Tensor] | None,
-        cfg: float,
-        rescale: float,
-    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """denoiser(x, sigma) -> x0 in fp32: ComfyUI's EPS model call plus CFG (reference §4.4, §3.5)."""
-        dtype = next(unet.parameters()).dtype
-        use_cfg = uncond is not None and cfg != 1.0
-        batched = use_cfg and all(cond[k].shape == uncond[k].shape for k in cond)
-        both = {k: torch.cat([cond[k], uncond[k]]) for k in cond} if batched else None
-
-        def eps_of(x_in: torch.Tensor, r: torch.Tensor, kwargs: dict[str, torch.Tensor]) -> torch.Tensor:
-            return unet(x_in, r, **kwargs, return_dict=False)[0].float()
-
-        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            sigma = sigma.float().reshape(-1)[:1].to(x.device)
-            x_in = (x / torch.sqrt(sigma**2 + 1)).to(dtype)
-            r = sampling.timestep_from_sigma(sigma).to(x.device).float().expand(x.shape[0])
-            if not use_cfg:
-                eps = eps_of(x_in, r, cond)
-            else:
-                if batched:
-                    eps_c, eps_u = eps_of(torch.cat([x_in, x_in]), torch.cat([r, r]), both).chunk(2)
-                else:
-                    eps_c, eps_u = eps_of(x_in, r, cond), eps_of(x_in, r, uncond)
-                eps = eps_u + cfg * (eps_c - eps_u)
-                if rescale > 0:
-                    eps = _rescale_cfg(eps, eps_c, rescale)
-            return x - eps * sigma
-
-        return denoise
 
     def _sample_stage(
         self,
@@ -223,7 +273,7 @@ class CascadePipeline:
             matched = match_sequence_lengths(cond_kw["clip_text"], uncond_kw["clip_text"])
             if matched is not None:
                 cond_kw["clip_text"], uncond_kw["clip_text"] = matched
-        denoiser = self._denoiser(self.prior, cond_kw, uncond_kw, request.prior.cfg, request.cfg_rescale)
+        denoiser = cfg_denoiser(self.prior, cond_kw, uncond_kw, request.prior.cfg, request.cfg_rescale)
         return self._sample_stage("prior", denoiser, request.prior, shape, request.seeds, callback, interrupt)
 
     @torch.inference_mode()
@@ -247,7 +297,7 @@ class CascadePipeline:
         effnet = effnet.to(self.device, dtype)
         cond_kw = {"clip_text_pooled": cond.pooled.to(self.device, dtype), "effnet": effnet}
         uncond_kw = {"clip_text_pooled": uncond.pooled.to(self.device, dtype), "effnet": torch.zeros_like(effnet)}
-        denoiser = self._denoiser(self.decoder, cond_kw, uncond_kw, request.decoder.cfg, 0.0)
+        denoiser = cfg_denoiser(self.decoder, cond_kw, uncond_kw, request.decoder.cfg)
         return self._sample_stage("decoder", denoiser, request.decoder, shape, request.seeds, callback, interrupt)
 
     @torch.inference_mode()
@@ -255,8 +305,11 @@ class CascadePipeline:
         """Stage A: pixels in [0, 1], (B, 3, H, W) fp32 on the CPU."""
         self._enter("vqgan")
         dtype = next(self.stage_a.parameters()).dtype
-        images = self.stage_a.decode((latents * scale).to(self.device, dtype)).sample
-        return images.float().clamp(0, 1).cpu()
+        images = []
+        for latent in latents.split(1):  # one image at a time: Stage A's activations dominate at large sizes
+            image = self.stage_a.decode((latent * scale).to(self.device, dtype)).sample
+            images.append(image.float().clamp(0, 1).cpu())
+        return torch.cat(images)
 
     # --- the whole thing ----------------------------------------------------------------------------------
     def generate(
@@ -272,27 +325,30 @@ class CascadePipeline:
         validate(request)
         request = request.with_seed()
         timings: dict[str, float] = {}
+        warnings: list[str] = []
         t0 = time.perf_counter()
         if cond is None:
-            cond = self.encode([request.prompt])
+            cond = self._run_phase("text_encoder", lambda: self.encode([request.prompt]), warnings)
         if uncond is None:
-            uncond = self.encode([request.negative_prompt])
+            uncond = self._run_phase("text_encoder", lambda: self.encode([request.negative_prompt]), warnings)
         batch = request.batch_size
         cond = cond if cond.hidden.shape[0] == batch else cond.repeat(batch // cond.hidden.shape[0])
         uncond = uncond if uncond.hidden.shape[0] == batch else uncond.repeat(batch // uncond.hidden.shape[0])
         timings["text"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        prior_latents = self.run_prior(request, cond, uncond, callback, interrupt)
+        prior_latents = self._run_phase("prior", lambda: self.run_prior(request, cond, uncond, callback, interrupt), warnings)
         timings["prior"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        latents = self.run_decoder(request, prior_latents, cond, uncond, callback, interrupt)
+        latents = self._run_phase(
+            "decoder", lambda: self.run_decoder(request, prior_latents, cond, uncond, callback, interrupt), warnings
+        )
         timings["decoder"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        images = self.decode(latents, request.stage_a_scale)
+        images = self._run_phase("vqgan", lambda: self.decode(latents, request.stage_a_scale), warnings)
         timings["vqgan"] = time.perf_counter() - t0
         dtypes = {name: str(next(m.parameters()).dtype).removeprefix("torch.") for name, m in self.components.items()}
-        return GenerationResult(images, request.seeds, request, dtypes, timings)
+        return GenerationResult(images, request.seeds, request, dtypes, timings, warnings)
 
 
 def _rescale_cfg(eps: torch.Tensor, eps_cond: torch.Tensor, rho: float) -> torch.Tensor:

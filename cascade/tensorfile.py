@@ -189,9 +189,13 @@ class TensorReader:
         self._map = self._file = None
 
     def get(
-        self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+        self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", pin_memory: bool = False
     ) -> torch.Tensor:
-        """The tensor `name`, converted to `dtype` (its own dtype if None) on `device`, in memory it owns."""
+        """The tensor `name`, converted to `dtype` (its own dtype if None) on `device`, in memory it owns.
+
+        pin_memory: allocate the (CPU) result in page-locked memory, so later uploads to the GPU are fast and
+        asynchronous; the data is copied straight from the map into it (one copy, not two).
+        """
         info = self.header.tensors[name]
         if self._map is None:
             raise RuntimeError("TensorReader used outside its `with` block")
@@ -204,7 +208,11 @@ class TensorReader:
                 warnings.simplefilter("ignore", UserWarning)
                 src = torch.frombuffer(view, dtype=info.torch_dtype).reshape(info.shape)
             target_dtype = dtype or info.torch_dtype
-            out = src.to(device=device, dtype=target_dtype, copy=True)
+            if pin_memory:
+                out = torch.empty(info.shape, dtype=target_dtype, pin_memory=True)
+                out.copy_(src)
+            else:
+                out = src.to(device=device, dtype=target_dtype, copy=True)
             del src
         finally:
             view.release()

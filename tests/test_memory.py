@@ -1,0 +1,212 @@
+"""Memory planner decisions with the full-size components, the fitted activation model against fresh traces, and the
+executor's ledger, streaming and out-of-memory fallback on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cascade.activations import ActivationModel, Shape, default_model, measure
+from cascade.errors import CascadeError
+from cascade.memory import GiB, ComponentSizes, default_dtypes, format_plan, make_plan, parse_size
+from cascade.request import GenerationRequest, StageSettings
+
+FULL = None
+
+
+def full_sizes() -> ComponentSizes:
+    global FULL
+    FULL = FULL or ComponentSizes.full_size(default_dtypes("bf16"))
+    return FULL
+
+
+def test_full_size_weights_match_the_reference_parameter_counts():
+    sizes = full_sizes()
+    assert sizes.weights["prior"] == 3_589_103_632 * 2
+    assert sizes.weights["decoder"] == 1_562_941_136 * 2
+    assert sizes.weights["text_encoder"] == 694_659_840 * 2
+    assert len(sizes.blocks["prior"]) == 3 * (8 + 24) * 2  # Res, Timestep, Attn per layer, down and up
+    assert 0 < sizes.rest("prior") < 0.01 * sizes.weights["prior"]
+
+
+@pytest.mark.parametrize("text,expected", [("16GiB", 16 * GiB), ("12GB", 12 * 10**9), ("8000MiB", 8000 * 2**20), ("15.5G", int(15.5 * GiB))])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+# The decision table: (budget, width, height) -> expected mode. Peaks must be within the usable budget.
+DECISIONS = [
+    ("8GB", 1024, 1024, "stream"), ("8GB", 1024, 1536, "stream"), ("8GB", 2048, 1152, "stream"),
+    ("12GB", 1024, 1024, "stage"), ("12GB", 1024, 1536, "stage"), ("12GB", 2048, 1152, "stage"),
+    ("16GB", 1024, 1024, "resident"), ("16GB", 1024, 1536, "resident"), ("16GB", 2048, 1152, "resident"),
+    ("24GB", 1024, 1024, "resident"), ("24GB", 1024, 1536, "resident"), ("24GB", 2048, 1152, "resident"),
+]
+
+
+@pytest.mark.parametrize("budget,width,height,mode", DECISIONS)
+def test_planner_decisions_full_size_bf16(budget, width, height, mode):
+    plan = make_plan(full_sizes(), Shape(width, height), parse_size(budget))
+    assert plan.mode == mode
+    assert plan.chosen.peak <= plan.usable
+    cheaper = plan.options[: [o.mode for o in plan.options].index(mode)]
+    assert all(not o.fits for o in cheaper)  # the cheapest plan that fits is chosen
+    if mode == "stream":
+        kept = plan.chosen.resident_blocks["prior"]
+        assert 0 < kept < len(full_sizes().blocks["prior"])  # Stage C partly streamed, not all of it
+        assert plan.chosen.bytes_moved < 40 * GiB
+
+
+def test_fp32_stage_c_needs_streaming_on_12gb():
+    plan = make_plan(ComponentSizes.full_size(default_dtypes("fp32")), Shape(1024, 1536), parse_size("12GB"))
+    assert plan.mode == "stream"
+
+
+def test_refusal_names_the_largest_size_that_fits():
+    plan = make_plan(full_sizes(), Shape(2048, 2048, batch=4), parse_size("2GiB"))
+    assert not plan.fits
+    text = format_plan(plan)
+    assert "does not fit" in text
+    w, h = plan.largest_fitting
+    assert w == h and w % 128 == 0 and w < 2048
+    assert make_plan(full_sizes(), Shape(w, h, batch=4), parse_size("2GiB")).fits
+
+
+def test_plan_json_has_every_option():
+    d = make_plan(full_sizes(), Shape(1024, 1536), parse_size("16GiB")).to_dict()
+    assert [o["mode"] for o in d["options"]] == ["resident", "stage", "stream", "sequential"]
+    assert d["mode"] == "resident" and d["options"][1]["bytes_moved_per_generation"] > 10 * GiB
+
+
+@pytest.mark.parametrize("phase", ["prior", "decoder", "vqgan"])
+def test_activation_model_predicts_fresh_traces(phase):
+    """The fit (made on a grid without 2048x1152 or 768x1280) predicts new traces of the full-size models within 10%."""
+    for shape in (Shape(2048, 1152), Shape(768, 1280, batch=2)):
+        traced = measure(phase, shape, torch.bfloat16)
+        predicted = default_model().predict(phase, shape, 2)
+        assert abs(predicted - traced) / traced < 0.10, (phase, shape, predicted, traced)
+
+
+# --- executor on the tiny model ---------------------------------------------------------------------------------
+
+ZERO = ActivationModel({p: [0.0, 0.0, 0.0] for p in ("text_encoder", "prior", "decoder", "vqgan")})
+FAST = dict(prior=StageSettings(4, 7.0, "dpmpp_2m", "sgm_uniform", 2.0), decoder=StageSettings(2, 1.0, "euler", "karras", 1.0))
+
+
+def tiny_plan(tiny_pair, monkeypatch, budget: int, mode: str = "auto", activations: ActivationModel = ZERO):
+    """A plan for the tiny model from its headers, with the given activation model and no margin."""
+    import cascade.memory as memory
+    from cascade.loader import resolve_sources
+
+    monkeypatch.setattr(memory, "default_model", lambda: activations)
+    monkeypatch.setattr(memory, "MARGIN_FIXED", 0)
+    monkeypatch.setattr(memory, "MARGIN_FRACTION", 0.0)
+    sizes = ComponentSizes.from_sources(resolve_sources(*tiny_pair), default_dtypes("fp32"))
+    return sizes, make_plan(sizes, Shape(256, 256), budget, steps={"prior": 4, "decoder": 2}, mode=mode)
+
+
+def squeezing_activations(sizes: ComponentSizes) -> tuple[int, ActivationModel]:
+    """A budget (the text encoder's weights) and constant activations that leave room for about half of each
+    UNet's blocks, so the streamed plans really stream (the tiny CLIP is bigger than the tiny UNets)."""
+    budget = sizes.weights["text_encoder"]
+    act = {}
+    for unet, partner in (("prior", 0), ("decoder", sizes.weights["vqgan"])):
+        blocks = sizes.blocks[unet]
+        act[unet] = budget - sizes.rest(unet) - partner - 2 * max(blocks) - sum(blocks) // 2
+        assert act[unet] > 0
+    per_fp32 = lambda n: [n / 2, 0.0, 0.0]  # noqa: E731 - the model is at 2-byte activations; fp32 doubles it
+    return budget, ActivationModel({"text_encoder": [0.0] * 3, "prior": per_fp32(act["prior"]),
+                                     "decoder": per_fp32(act["decoder"]), "vqgan": [0.0] * 3})
+
+
+def load_with(tiny_pair, executor):
+    from cascade.engine import load_pipeline
+
+    pipe, _ = load_pipeline(*tiny_pair, backend=executor.backend, dtype=torch.float32, placement=executor)
+    return pipe
+
+
+@pytest.mark.parametrize("mode", ["resident", "stage", "stream", "sequential"])
+def test_ledger_equals_plan(tiny_pair, monkeypatch, mode):
+    from backends import select_backend
+    from cascade.offload import Executor
+
+    sizes, _ = tiny_plan(tiny_pair, monkeypatch, 10**12)
+    budget, activations = squeezing_activations(sizes) if mode in ("stream", "sequential") else (10**12, ZERO)
+    _, plan = tiny_plan(tiny_pair, monkeypatch, budget, mode=mode, activations=activations)
+    assert plan.mode == mode
+    executor = Executor(plan, select_backend("cpu"))
+    pipe = load_with(tiny_pair, executor)
+    result = pipe.generate(GenerationRequest("a cat", width=256, height=256, seed=1, **FAST))
+    assert result.images.shape == (1, 3, 256, 256)
+    for phase, predicted in plan.chosen.phases.items():
+        assert executor.ledger.after_enter[phase] == predicted.resident, phase
+    assert executor.ledger.peak <= plan.chosen.peak
+    for unet in ("prior", "decoder"):
+        kept = plan.chosen.resident_blocks.get(unet)
+        if mode == "stream":  # part resident, part streamed
+            assert 0 < kept < len(sizes.blocks[unet]), unet
+        elif mode == "sequential":  # every block streamed through one buffer
+            assert kept == 0, unet
+
+
+def test_streamed_generation_equals_resident(tiny_pair, monkeypatch):
+    from backends import select_backend
+    from cascade.offload import Executor
+
+    images = {}
+    for mode in ("resident", "sequential"):
+        _, plan = tiny_plan(tiny_pair, monkeypatch, 10**12, mode=mode)
+        pipe = load_with(tiny_pair, Executor(plan, select_backend("cpu")))
+        images[mode] = pipe.generate(GenerationRequest("a cat", width=256, height=256, seed=3, **FAST)).images
+    assert torch.equal(images["resident"], images["sequential"])
+
+
+class DeviceBudget:
+    """Stand-in for a device with `limit` bytes: raises torch.OutOfMemoryError at the allocation boundary."""
+
+    def __init__(self, limit: int):
+        self.limit, self.failures = limit, 0
+
+    def __call__(self, nbytes: int) -> None:
+        if nbytes > self.limit:
+            self.failures += 1
+            raise torch.OutOfMemoryError(f"stand-in: {nbytes} bytes > {self.limit}")
+
+
+def test_oom_falls_back_one_level_and_says_so(tiny_pair, monkeypatch):
+    from backends import select_backend
+    from cascade.offload import Executor
+
+    sizes, plan = tiny_plan(tiny_pair, monkeypatch, 10**12, mode="resident")
+    stage_peak = plan.option("stage").peak
+    budget = DeviceBudget(stage_peak)  # the real device is smaller than the plan assumed: resident cannot fit
+    executor = Executor(plan, select_backend("cpu"), guard=budget)
+    pipe = load_with(tiny_pair, executor)
+    result = pipe.generate(GenerationRequest("a cat", width=256, height=256, seed=1, **FAST))
+    assert result.images.shape == (1, 3, 256, 256)
+    assert any("retried with the" in w for w in result.warnings)
+    assert executor.name != "resident" and budget.failures >= 1
+
+
+def test_second_oom_is_a_clear_error_and_pipeline_survives(tiny_pair, monkeypatch):
+    from backends import select_backend
+    from cascade.offload import Executor
+
+    _, plan = tiny_plan(tiny_pair, monkeypatch, 10**12, mode="stage")
+    budget = DeviceBudget(0)  # nothing fits at all
+    executor = Executor(plan, select_backend("cpu"), guard=budget)
+    pipe = load_with(tiny_pair, executor)
+    with pytest.raises(CascadeError, match="Out of memory in the text_encoder phase even with the 'sequential'"):
+        pipe.generate(GenerationRequest("a cat", width=256, height=256, seed=1, **FAST))
+    budget.limit = 10**12  # memory is back (other program closed): the same pipeline works again
+    result = pipe.generate(GenerationRequest("a cat", width=256, height=256, seed=1, **FAST))
+    assert result.images.shape == (1, 3, 256, 256)
+
+
+def test_cli_plan_refuses_before_loading(capsys):
+    from cascade.cli import main
+
+    assert main(["plan", "--vram", "16GiB", "--width", "1024", "--height", "1536"]) == 0
+    assert "chosen: resident" in capsys.readouterr().out
+    assert main(["plan", "--vram", "1GiB", "--width", "2048", "--height", "2048", "--json"]) == 2
+    assert '"fits": false' in capsys.readouterr().out
