@@ -138,6 +138,15 @@ class Backend:
 
         memory.empty_cache(self)
 
+    def compile_for_device(self, module: torch.nn.Module, stage: str, *, cache_dir=None, entry: str = "forward"):
+        """The module as this backend runs it: unchanged for torch devices; compiled (IR cached in `cache_dir`) for
+        OpenVINO, whose graphs run on `ov_device`. `entry` names the method to compile ("decode" for Stage A)."""
+        if self.name != "openvino":
+            return module
+        from . import openvino
+
+        return openvino.compile_module(module, device=self.ov_device or "CPU", cache_dir=cache_dir, stage=stage, entry=entry)
+
     @property
     def pinned_host_memory(self) -> bool:
         """Whether page-locked host copies speed up uploads: discrete accelerators behind PCIe (CUDA/ROCm, XPU).

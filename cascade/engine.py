@@ -71,7 +71,9 @@ def load_pipeline(
     """Load a Stage C + Stage B pair (plus CLIP-G and Stage A from wherever they are) onto the backend's device."""
     from backends import select_backend
 
+    from .attention import bound_attention
     from .text import load_tokenizer
+    from .tiny import cache_dir
 
     backend = backend or select_backend()
     sources = sources or resolve_sources(prior, decoder, text_encoder=text_encoder, stage_a=stage_a)
@@ -85,6 +87,11 @@ def load_pipeline(
                                   pin_memory=placement.pins_host_memory(name))
         report.seconds[name] = time.perf_counter() - t0
         log.info("loaded %s (%s, %s) in %.1fs", name, part.variant, report.dtypes[name], report.seconds[name])
+    for name in ("prior", "decoder"):
+        bound_attention(modules[name], backend.max_attention_bytes)
+    cache = cache_dir() / "openvino"
+    for name, entry in (("prior", "forward"), ("decoder", "forward"), ("vqgan", "decode")):
+        modules[name] = backend.compile_for_device(modules[name], name, cache_dir=cache, entry=entry)
     pipe = CascadePipeline(
         tokenizer=load_tokenizer(),
         text_encoder=modules["text_encoder"],

@@ -174,6 +174,16 @@ class Executor:
         log.warning("out of memory: continuing with the %r memory plan", option.mode)
         return option.mode
 
+    def recast(self, component: str, module: nn.Module, dtype: torch.dtype) -> None:
+        """Convert the component's host copy to `dtype`; the next phase entry uploads the converted weights."""
+        self._drop(component)
+        part = self._parts[component]
+        part.bring_home(lambda t: self._to_host(t.to(dtype)) if t.is_floating_point() else t)
+        part.drop()  # point the module at the converted host copies
+        part.nbytes = sum(s.nbytes for s in part.slots if s.counted)
+        if component in STREAMABLE:
+            self._blocks[component] = [_Weights(b) for b in _block_modules(module)]
+
     # --- internals -------------------------------------------------------------------------------------------
     def _adopt(self, components: dict[str, nn.Module]) -> None:
         """First sight of the components: take note of their weights (resident: already on the device)."""

@@ -80,6 +80,10 @@ class Placement(Protocol):
         """After an out-of-memory error: switch one level down the plan ladder; the new mode, or None."""
         ...
 
+    def recast(self, component: str, module: nn.Module, dtype: torch.dtype) -> None:
+        """Convert a component's weights to `dtype` everywhere they live (NaN fallback to a safer dtype)."""
+        ...
+
 
 class Resident:
     """Everything is loaded onto the compute device and stays there (no plan, nothing to fall back to)."""
@@ -100,6 +104,9 @@ class Resident:
 
     def degrade(self, components: dict[str, nn.Module]) -> str | None:
         return None
+
+    def recast(self, component: str, module: nn.Module, dtype: torch.dtype) -> None:
+        module.to(dtype)
 
 
 def cfg_denoiser(
@@ -176,8 +183,32 @@ class CascadePipeline:
     def _enter(self, phase: str) -> None:
         self.placement.enter(phase, self.components)
 
+    def _nan_guarded(self, phase: str, fn: Callable[[], torch.Tensor], warnings: list[str]) -> torch.Tensor:
+        """Run a UNet/VQGAN phase; NaN/inf out of fp16/bf16 re-runs it once in the backend's next safer dtype."""
+        module = self.components[phase]
+        dtype = next(module.parameters()).dtype
+        if self.backend is None or dtype not in (torch.float16, torch.bfloat16):
+            return fn()
+        from backends.nan_guard import NonFiniteOutput, run_with_dtype_fallback
+
+        def run(target: torch.dtype) -> torch.Tensor:
+            if next(module.parameters()).dtype != target:
+                self.placement.recast(phase, module, target)
+            return fn()
+
+        try:
+            result, _, reason = run_with_dtype_fallback(run, dtype, self.backend, stage=phase, warn=log.warning)
+        except NonFiniteOutput as err:
+            raise CascadeError(f"{err}. The checkpoint may be damaged; try --dtype fp32 or download it again.") from None
+        if reason:
+            warnings.append(reason)
+        return result
+
     def _run_phase(self, phase: str, fn: Callable[[], object], warnings: list[str]):
         """Run a phase; on out-of-memory, fall one level down the memory plan and retry once."""
+        if phase in ("prior", "decoder", "vqgan"):
+            unguarded = fn
+            fn = lambda: self._nan_guarded(phase, unguarded, warnings)  # noqa: E731
         try:
             return fn()
         except torch.OutOfMemoryError:
@@ -307,7 +338,7 @@ class CascadePipeline:
         dtype = next(self.stage_a.parameters()).dtype
         images = []
         for latent in latents.split(1):  # one image at a time: Stage A's activations dominate at large sizes
-            image = self.stage_a.decode((latent * scale).to(self.device, dtype)).sample
+            image = self.stage_a.decode((latent * scale).to(self.device, dtype), return_dict=False)[0]
             images.append(image.float().clamp(0, 1).cpu())
         return torch.cat(images)
 
