@@ -1,0 +1,116 @@
+"""SD.Next as the pipeline's host: per-request arguments, infotext, progress, interrupt/skip/pause.
+
+Progress: SD.Next's own `diffusers_callback` is removed from the call arguments. It only reaches the prior (SD.Next
+gives the decoder no callback), it sizes the bar from `pipe.num_timesteps`, and it reports an interrupt by raising
+`AssertionError`, which SD.Next logs and turns into an empty result. Instead the bar is set to prior + decoder
+steps at the start and advanced after every step of both stages; `interrupted`, `skipped` and `paused` are
+checked between steps.
+
+Stop semantics: Interrupt ends the run and returns what finished — nothing, as a batch runs as one — and SD.Next
+then ends the job. Skip ends the current batch, consumes the skip flag and lets SD.Next go on with the next batch
+(with the flag left set, SD.Next would also drop the batch after it).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from cascade.pipeline import StepEvent
+from cascade.request import default_decoder
+
+from . import params
+from .errors import CascadeHostError, host_error
+from .pipeline import PipelineHost
+
+STAGE_TITLES = {"prior": "Stage C (prior)", "decoder": "Stage B (decoder)"}
+_SDNEXT_CALLBACKS = ("prior_callback_on_step_end", "prior_callback_on_step_end_tensor_inputs", "prior_callback_steps",
+                     "callback_on_step_end", "callback_on_step_end_tensor_inputs", "callback_steps", "callback")
+
+
+def request_value(p: Any, key: str) -> Any:
+    """A per-request value: `extra: {key: value}` (an attribute of p), else the option (override_settings apply to
+    opts while the request runs), else None."""
+    from modules import shared
+
+    value = getattr(p, key, None)
+    if value is None:
+        value = shared.opts.data.get(key)
+    return value
+
+
+class SdnextHost(PipelineHost):
+    """Binds one loaded pipeline to SD.Next's request objects and `shared.state`."""
+
+    def __init__(self, decoder_name: str, offload_mode: str = "none"):
+        self.decoder_name = decoder_name
+        self.offload_mode = offload_mode
+
+    # --- arguments and infotext -------------------------------------------------------------------------------
+    def preprocess(self, pipe, p: Any, args: dict[str, Any]) -> None:
+        try:
+            self._preprocess(p, args)
+        except Exception as e:
+            raise host_error(e, "request") from e
+
+    def _check_offload_mode(self) -> None:
+        """Who places the weights is decided at load time (offload.py); a switch to or from `none` needs a reload."""
+        from modules import shared
+
+        mode = shared.opts.diffusers_offload_mode
+        if mode != self.offload_mode and "none" in (mode, self.offload_mode):
+            raise CascadeHostError(
+                f"SD.Next's model offload mode changed from {self.offload_mode!r} to {mode!r} after this Stable Cascade "
+                "model was loaded. Reload the model to apply it: select it again after unloading, or POST "
+                "/sdapi/v1/reload-checkpoint?force=true.", 409)
+
+    def _preprocess(self, p: Any, args: dict[str, Any]) -> None:
+        self._check_offload_mode()
+        settings = params.resolve_settings(lambda key: request_value(p, key))
+        prior = params.prior_stage(args.get("prior_num_inference_steps", p.steps),
+                                   args.get("prior_guidance_scale", p.cfg_scale), p.sampler_name, settings)
+        decoder_cfg = args.get("decoder_guidance_scale")
+        if decoder_cfg is None:
+            decoder_cfg = default_decoder().cfg
+        decoder = params.decoder_stage(args.get("num_inference_steps", p.refiner_steps), decoder_cfg, settings)
+        args.update(
+            prior_sampler=prior.sampler, prior_scheduler=prior.scheduler, prior_shift=prior.shift,
+            decoder_sampler=decoder.sampler, decoder_scheduler=decoder.scheduler, decoder_shift=decoder.shift,
+            decoder_guidance_scale=decoder.cfg, compression=settings.compression, stage_a_scale=settings.stage_a_scale,
+        )
+        if getattr(p, "seeds", None):
+            args["seeds"] = [int(s) for s in p.seeds]
+        for key in _SDNEXT_CALLBACKS:
+            args.pop(key, None)
+        # The engine encodes the prompt text itself (docs/sdnext.md); SD.Next passes embeddings instead of text when
+        # its parser ran, so hand over this batch's text too.
+        args.setdefault("prompt", list(p.prompts))
+        args.setdefault("negative_prompt", list(p.negative_prompts))
+        p.extra_generation_params.update(params.infotext_fields(prior, decoder, settings, self.decoder_name))
+
+    # --- progress and stopping ----------------------------------------------------------------------------------
+    def begin(self, total_steps: int) -> None:
+        from modules import shared
+
+        shared.state.sampling_steps = total_steps
+        shared.state.sampling_step = 0
+
+    def step(self, event: StepEvent) -> None:
+        from modules import shared
+
+        shared.state.step()
+        shared.state.textinfo = f"Stable Cascade {STAGE_TITLES.get(event.stage, event.stage)}: step {event.step}/{event.total}"
+
+    def should_stop(self) -> bool:
+        from modules import shared
+
+        state = shared.state
+        while state.paused and not (state.interrupted or state.skipped):
+            time.sleep(0.1)
+        return bool(state.interrupted or state.skipped)
+
+    def stopped(self) -> None:
+        from modules import shared
+
+        if shared.state.skipped and not shared.state.interrupted:
+            shared.state.skipped = False

@@ -1,0 +1,359 @@
+"""The pipeline object SD.Next drives: a diffusers-shaped front for our engine (`cascade.pipeline.CascadePipeline`).
+
+Why this shape (reference/sdnext.md §2.6, §3.5): SD.Next recognises Stable Cascade by the class name
+("StableCascade" -> prompt/step/CFG mapping, model type `sc`), walks `prior_pipe`/`decoder_pipe` and registered
+modules for offload, quantisation and moves, fills only *named* `__call__` parameters, and asks for
+`output_type='np'` because the model has a `vqgan` and no `vae`. Subclassing diffusers'
+`StableCascadeCombinedPipeline` (same `__init__`, so `components`/`device` stay consistent) gives all of that;
+`__call__` is ours and runs the engine.
+
+Prompt conditioning: the engine re-encodes the prompt *text* with `cascade.text` (the model card's / ComfyUI's
+encoding: last CLIP-G layer before the final LayerNorm, ComfyUI weighting, pooled embedding of the weight-free
+text, 75-token chunks, BREAK). Embeddings passed in (`prompt_embeds` plus either pooled name) are used only when no
+text is given. See docs/sdnext.md for why SD.Next's own embeddings are not used.
+
+Stopping: when the host asks to stop, the images finished so far are returned (`interrupted=True`) — usually none,
+as a batch runs as one. Every other failure is raised as `extension.errors.CascadeHostError`, so a failed
+generation reaches the user as an error and never as a success without images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers import DDPMWuerstchenScheduler, StableCascadeCombinedPipeline
+from diffusers.utils import BaseOutput
+
+from cascade import sampling
+from cascade.errors import GenerationInterrupted, InvalidRequestError
+from cascade.pipeline import CascadePipeline, Conditioning, StepEvent, to_pil
+from cascade.request import (
+    STAGE_A_SCALE,
+    GenerationRequest,
+    StageSettings,
+    default_decoder,
+    default_prior,
+    validate,
+)
+
+from .errors import host_error
+
+log = logging.getLogger(__name__)
+
+
+class PipelineHost:
+    """What the pipeline asks of its host (SD.Next: extension.host.SdnextHost). This base does nothing."""
+
+    def preprocess(self, pipe: "StableCascadeSingleFilePipeline", p: Any, args: dict[str, Any]) -> None:
+        """Complete the call arguments from the host's request object before the call."""
+
+    def begin(self, total_steps: int) -> None:
+        """A generation of `total_steps` sampling steps (both stages, all images) starts."""
+
+    def step(self, event: StepEvent) -> None:
+        """One sampling step of either stage finished."""
+
+    def should_stop(self) -> bool:
+        """Checked after every step: True stops the generation between steps."""
+        return False
+
+    def stopped(self) -> None:
+        """The generation stopped because `should_stop` said so."""
+
+
+@dataclass
+class CascadePipelineOutput(BaseOutput):
+    images: Any  # np (B, H, W, 3) float32 in [0, 1] | list of PIL | torch (B, 3, H, W)
+    seeds: list[int] | None = None
+    interrupted: bool = False
+
+
+def _as_list(value: str | list[str] | None, n: int | None = None) -> list[str]:
+    if value is None:
+        items = [""]
+    elif isinstance(value, str):
+        items = [value]
+    else:
+        items = [v if v is not None else "" for v in value]
+    if n is not None and len(items) == 1 and n > 1:
+        items = items * n
+    return items
+
+
+def _pooled(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Any pooled layout -> (B, 1, P): diffusers' (B, 1, P), SD.Next's (B, P) and its (1, B, P) `unsqueeze(0)`."""
+    if t.ndim == 2:
+        return t.unsqueeze(1)
+    if t.ndim == 3 and t.shape[0] == 1 and t.shape[1] == batch and batch > 1:
+        return t.transpose(0, 1)
+    if t.ndim == 3:
+        return t
+    raise InvalidRequestError(f"pooled text embeddings of shape {tuple(t.shape)} are not (B, P) or (B, 1, P)")
+
+
+def _seed_list(seeds: list[int] | None, generator, batch: int) -> list[int]:
+    """Per-image seeds: explicit seeds, else each generator's seed (SD.Next seeds one per image), else random."""
+    if seeds:
+        out = [int(s) for s in seeds]
+    elif generator is not None:
+        gens = generator if isinstance(generator, (list, tuple)) else [generator]
+        out = [int(g.initial_seed()) for g in gens]
+    else:
+        out = [random.randrange(0, 2**32 - 1)]
+    while len(out) < batch:
+        out.append(out[-1] + 1)
+    return out[:batch]
+
+
+@contextlib.contextmanager
+def _quiet_deprecation():
+    """diffusers warns that every StableCascade* pipeline class is deprecated; ours is not diffusers' pipeline."""
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _consecutive_runs(seeds: list[int]) -> list[tuple[int, int]]:
+    """Index ranges [start, end) of seeds that go up by one: each runs as one engine batch (seed + i)."""
+    runs, start = [], 0
+    for i in range(1, len(seeds) + 1):
+        if i == len(seeds) or seeds[i] != seeds[i - 1] + 1:
+            runs.append((start, i))
+            start = i
+    return runs
+
+
+class StableCascadeSingleFilePipeline(StableCascadeCombinedPipeline):
+    """Stable Cascade from single files (ComfyUI / Stability / kohya layouts) on our engine, for SD.Next."""
+
+    _engine: CascadePipeline | None = None
+    host: PipelineHost | None = None
+    load_error: Exception | None = None
+
+    @classmethod
+    def from_engine(cls, engine: CascadePipeline, host: PipelineHost | None = None) -> "StableCascadeSingleFilePipeline":
+        """Wrap a loaded engine; its modules are registered the way diffusers' combined pipeline registers them."""
+        with _quiet_deprecation():
+            pipe = cls(
+                tokenizer=engine.tokenizer,
+                text_encoder=None,  # the decoder needs no text encoder: its pooled input comes from the prior's
+                decoder=engine.decoder,
+                scheduler=DDPMWuerstchenScheduler(),
+                vqgan=engine.stage_a,
+                prior_prior=engine.prior,
+                prior_text_encoder=engine.text_encoder,
+                prior_tokenizer=engine.tokenizer,
+                prior_scheduler=DDPMWuerstchenScheduler(),
+            )
+        pipe._engine = engine
+        pipe.host = host
+        return pipe
+
+    @classmethod
+    def unavailable(cls, error: Exception) -> "StableCascadeSingleFilePipeline":
+        """A model whose files could not be loaded: every generation raises `error` (see extension/loader.py)."""
+        with _quiet_deprecation():
+            pipe = cls(tokenizer=None, text_encoder=None, decoder=None, scheduler=DDPMWuerstchenScheduler(),
+                       vqgan=None, prior_prior=None, prior_text_encoder=None, prior_tokenizer=None,
+                       prior_scheduler=DDPMWuerstchenScheduler())
+        pipe.load_error = error
+        return pipe
+
+    @property
+    def engine(self) -> CascadePipeline:
+        """The engine, re-pointed at the modules currently registered (hosts may replace them, e.g. quantised)."""
+        if self._engine is None:
+            raise RuntimeError("StableCascadeSingleFilePipeline must be built with from_engine()")
+        e = self._engine
+        e.prior = self.prior_pipe.prior
+        e.text_encoder = self.prior_pipe.text_encoder
+        e.decoder = self.decoder_pipe.decoder
+        e.stage_a = self.vqgan
+        return e
+
+    # True when the engine's memory executor decides what is on the device (SD.Next offload mode `none`):
+    # then whole-pipeline moves are ignored, because they would undo the plan (stage/stream modes).
+    placement_owns_devices: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        if self.placement_owns_devices:
+            return self.engine.device
+        return super().device
+
+    def to(self, *args, **kwargs):
+        if self.placement_owns_devices:
+            log.debug("Stable Cascade: the memory plan %r places the weights; ignoring .to(%s)",
+                      getattr(self.engine.placement, "name", "?"), args or kwargs)
+            return self
+        return super().to(*args, **kwargs)
+
+    def preprocess(self, p: Any, args: dict[str, Any]) -> None:
+        """SD.Next calls this with its request object and the call arguments just before `__call__`."""
+        if self.load_error is not None:
+            raise self.load_error
+        if self.host is not None:
+            self.host.preprocess(self, p, args)
+
+    # --- conditioning -----------------------------------------------------------------------------------------
+    def _encode(self, texts: list[str]) -> Conditioning:
+        unique = list(dict.fromkeys(texts))
+        try:
+            enc = self.engine.encode(unique)
+        except ValueError as e:  # prompts too different in length to share a batch
+            raise InvalidRequestError(f"{e}; generate these prompts with batch size 1") from None
+        index = [unique.index(t) for t in texts]
+        return Conditioning(enc.hidden[index], enc.pooled[index])
+
+    def _conditioning(self, prompts: list[str] | None, embeds: torch.Tensor | None, pooled: torch.Tensor | None,
+                      batch: int, what: str) -> Conditioning:
+        if prompts is not None:
+            return self._encode(prompts)
+        if embeds is None:
+            return self._encode([""] * batch)
+        if pooled is None:
+            raise InvalidRequestError(
+                f"{what} embeddings were given without pooled embeddings; pass prompt_embeds_pooled or "
+                "pooled_prompt_embeds too, or pass the prompt text"
+            )
+        hidden = embeds.float()
+        pooled = _pooled(pooled.float(), hidden.shape[0])
+        if hidden.shape[0] == 1 and batch > 1:
+            hidden, pooled = hidden.expand(batch, -1, -1), pooled.expand(batch, -1, -1)
+        return Conditioning(hidden, pooled)
+
+    # --- the call SD.Next makes -------------------------------------------------------------------------------
+    def __call__(  # noqa: PLR0913 - SD.Next fills named parameters only
+        self,
+        prompt: str | list[str] | None = None,
+        height: int = 1024,
+        width: int = 1024,
+        prior_num_inference_steps: int = default_prior().steps,
+        prior_guidance_scale: float = default_prior().cfg,
+        num_inference_steps: int = default_decoder().steps,
+        decoder_guidance_scale: float = default_decoder().cfg,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds_pooled: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds_pooled: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        prior_callback_on_step_end: Callable | None = None,
+        prior_callback_on_step_end_tensor_inputs: list[str] | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        prior_sampler: str = default_prior().sampler,
+        prior_scheduler: str = default_prior().scheduler,
+        prior_shift: float = default_prior().shift,
+        decoder_sampler: str = default_decoder().sampler,
+        decoder_scheduler: str = default_decoder().scheduler,
+        decoder_shift: float = default_decoder().shift,
+        compression: float = 42.0,
+        stage_a_scale: float = STAGE_A_SCALE,
+        guidance_rescale: float = 0.0,
+        seeds: list[int] | None = None,
+    ):
+        """Generate images. Prior: steps/CFG/sampler of Stage C; decoder: Stage B's; `seeds` or `generator`
+        (one per image) seed each image's noise, so image i of a batch equals a single run with its seed."""
+        if self.load_error is not None:
+            raise self.load_error
+        host = self.host or PipelineHost()
+        try:
+            if latents is not None:
+                raise InvalidRequestError("initial latents are not supported by the Stable Cascade pipeline")
+            if output_type not in ("np", "pil", "pt"):
+                raise InvalidRequestError(f"output_type {output_type!r} is not supported (use 'np', 'pil' or 'pt')")
+            prompts = _as_list(prompt) if prompt is not None or prompt_embeds is None else None
+            n_prompts = len(prompts) if prompts is not None else int(prompt_embeds.shape[0])
+            batch = n_prompts * int(num_images_per_prompt)
+            if prompts is not None:
+                prompts = [t for t in prompts for _ in range(num_images_per_prompt)]
+            negatives = None
+            if prompts is not None or negative_prompt is not None or negative_prompt_embeds is None:
+                negatives = _as_list(negative_prompt, n_prompts)
+                if len(negatives) != n_prompts:
+                    raise InvalidRequestError(f"{len(negatives)} negative prompts for {n_prompts} prompts")
+                negatives = [t for t in negatives for _ in range(num_images_per_prompt)]
+            prior = StageSettings(int(prior_num_inference_steps), float(prior_guidance_scale),
+                                  sampling.resolve_sampler(prior_sampler), sampling.resolve_scheduler(prior_scheduler),
+                                  float(prior_shift))
+            decoder = StageSettings(int(num_inference_steps), float(decoder_guidance_scale),
+                                    sampling.resolve_sampler(decoder_sampler),
+                                    sampling.resolve_scheduler(decoder_scheduler), float(decoder_shift))
+            all_seeds = _seed_list(seeds, generator, batch)
+            base = GenerationRequest(prompt=(prompts or [""])[0], negative_prompt=(negatives or [""])[0],
+                                     width=int(width), height=int(height), seed=all_seeds[0], batch_size=1,
+                                     prior=prior, decoder=decoder, compression=float(compression),
+                                     stage_a_scale=float(stage_a_scale), cfg_rescale=float(guidance_rescale or 0.0))
+            validate(base)
+            if prompts is not None and prompt_embeds is not None:
+                log.debug("Stable Cascade: prompt text given; host prompt embeddings are not used (re-encoded)")
+            cond = self._conditioning(prompts, prompt_embeds, prompt_embeds_pooled if prompt_embeds_pooled is not None
+                                      else pooled_prompt_embeds, batch, "prompt")
+            uncond = self._conditioning(negatives, negative_prompt_embeds,
+                                        negative_prompt_embeds_pooled if negative_prompt_embeds_pooled is not None
+                                        else negative_pooled_prompt_embeds, batch, "negative prompt")
+            runs = _consecutive_runs(all_seeds)
+            totals = {"prior": len(sampling.sigmas_for(prior.sampler, prior.scheduler, prior.steps, prior.shift)) - 1,
+                      "decoder": len(sampling.sigmas_for(decoder.sampler, decoder.scheduler, decoder.steps,
+                                                         decoder.shift)) - 1}
+            host.begin((totals["prior"] + totals["decoder"]) * len(runs))
+        except Exception as e:
+            raise host_error(e, "request") from e
+
+        callbacks = {"prior": prior_callback_on_step_end, "decoder": callback_on_step_end}
+
+        def on_step(event: StepEvent) -> None:
+            host.step(event)
+            cb = callbacks.get(event.stage)
+            if cb is not None:
+                cb(self, event.step - 1, event.sigma, {"latents": event.latents})
+
+        finished: list[torch.Tensor] = []
+        interrupted = False
+        try:
+            for start, end in runs:
+                request = GenerationRequest(
+                    prompt=base.prompt, negative_prompt=base.negative_prompt, width=base.width, height=base.height,
+                    seed=all_seeds[start], batch_size=end - start, prior=prior, decoder=decoder,
+                    compression=base.compression, stage_a_scale=base.stage_a_scale, cfg_rescale=base.cfg_rescale)
+                result = self.engine.generate(
+                    request, callback=on_step, interrupt=host.should_stop,
+                    cond=Conditioning(cond.hidden[start:end], cond.pooled[start:end]),
+                    uncond=Conditioning(uncond.hidden[start:end], uncond.pooled[start:end]))
+                finished.append(result.images)
+        except GenerationInterrupted as e:
+            log.info("Stable Cascade: %s", e)
+            interrupted = True
+            host.stopped()
+        except Exception as e:
+            raise host_error(e, "generation") from e
+
+        images = torch.cat(finished) if finished else torch.zeros((0, 3, int(height), int(width)))
+        out_images: Any
+        if output_type == "np":
+            out_images = images.permute(0, 2, 3, 1).float().numpy()
+        elif output_type == "pil":
+            out_images = to_pil(images)
+        else:
+            out_images = images
+        done_seeds = all_seeds[: images.shape[0]]
+        if not return_dict:
+            return (out_images,)
+        return CascadePipelineOutput(images=out_images, seeds=done_seeds, interrupted=interrupted)
