@@ -166,9 +166,13 @@ def test_escaped_brackets_are_literal(tokenizer):
 
 def test_hidden_is_last_layer_before_final_layer_norm(encoder, tokenizer):
     captured = {}
-    hook = encoder.text_model.encoder.layers[-1].register_forward_hook(
-        lambda _module, _args, output: captured.setdefault("out", output[0] if isinstance(output, tuple) else output)
-    )
+
+    def grab(_module, _args, output):
+        # Must return None: a forward hook's return value replaces the output (transformers 4.x layers return a
+        # tuple, so returning output[0] would feed the encoder a tensor and break it).
+        captured.setdefault("out", output[0] if isinstance(output, tuple) else output)
+
+    hook = encoder.text_model.encoder.layers[-1].register_forward_hook(grab)
     try:
         hidden, _ = encode_prompts(encoder, tokenizer, ["a photo of a cat"])
     finally:
