@@ -141,8 +141,17 @@ def _metadata_config(header: SafetensorsHeader, kind: str) -> dict[str, Any] | N
     return json.loads(raw) if raw else None
 
 
+def _known_or_custom(part: Part, known: str | None, config: dict[str, Any] | None, problem: str) -> tuple[str, dict[str, Any]]:
+    """A known variant's repo config; else the config our tiny test files carry in their metadata; else an error."""
+    if known is not None:
+        return known, config
+    custom = _metadata_config(part.headers[0], part.kind)
+    if custom is not None:
+        return "custom", custom
+    raise NotStableCascadeError(f"{part.headers[0].path.name}: {problem}")
+
+
 def _unet_variant(part: Part) -> tuple[str, dict[str, Any]]:
-    header = part.headers[0]
     if part.kind == PRIOR:
         rows = part.info(part.prefix + "clip_txt_mapper.weight").shape[0]
         known = {2048: "big", 1536: "lite"}.get(rows)
@@ -152,14 +161,10 @@ def _unet_variant(part: Part) -> tuple[str, dict[str, Any]]:
         width = part.info(key).shape[-1] if key in part.key_header else None
         known = {640: "big", 576: "lite"}.get(width)
         what = f"down_blocks.1.0.channelwise.0.weight is {width} wide (640 = big, 576 = lite)"
-    if known:
-        return known, configs.unet_config(part.kind, known)
-    custom = _metadata_config(header, part.kind)
-    if custom is not None:
-        return "custom", custom
-    raise NotStableCascadeError(
-        f"{header.path.name}: looks like a Stable Cascade {PART_TITLES[part.kind]} but of no known size: {what}. "
-        "Only the official big and lite architectures (and finetunes of them) are supported."
+    return _known_or_custom(
+        part, known, configs.unet_config(part.kind, known) if known else None,
+        f"looks like a Stable Cascade {PART_TITLES[part.kind]} but of no known size: {what}. "
+        "Only the official big and lite architectures (and finetunes of them) are supported.",
     )
 
 
@@ -167,26 +172,21 @@ def _text_encoder_variant(part: Part) -> tuple[str, dict[str, Any]]:
     emb = part.prefix + "text_model.embeddings.token_embedding.weight"
     shape = part.info(emb).shape if emb in part.key_header else None
     layers = {m.group(1) for k in part.keys if (m := re.search(r"encoder\.layers\.(\d+)\.", k))}
-    if shape == (49408, 1280) and len(layers) == 32:
-        return "clip-g", dict(configs.CLIP_G)
-    custom = _metadata_config(part.headers[0], TEXT_ENCODER)
-    if custom is not None:
-        return "custom", custom
-    raise NotStableCascadeError(
-        f"{part.headers[0].path.name}: the text encoder is not CLIP-G (token embedding {shape}, {len(layers)} layers; "
-        "Stable Cascade needs the 1280-wide, 32-layer CLIP ViT-bigG/14 text model)."
+    is_clip_g = shape == (49408, 1280) and len(layers) == 32
+    return _known_or_custom(
+        part, "clip-g" if is_clip_g else None, dict(configs.CLIP_G),
+        f"the text encoder is not CLIP-G (token embedding {shape}, {len(layers)} layers; Stable Cascade needs the "
+        "1280-wide, 32-layer CLIP ViT-bigG/14 text model).",
     )
 
 
 def _stage_a_variant(part: Part) -> tuple[str, dict[str, Any]]:
     key = part.prefix + "up_blocks.0.0.weight"
     shape = part.info(key).shape if key in part.key_header else None
-    if shape == (384, 4, 1, 1):
-        return "paella", dict(configs.STAGE_A)
-    custom = _metadata_config(part.headers[0], STAGE_A)
-    if custom is not None:
-        return "custom", custom
-    raise NotStableCascadeError(f"{part.headers[0].path.name}: Stage A of an unknown shape (up_blocks.0.0.weight {shape}).")
+    return _known_or_custom(
+        part, "paella" if shape == (384, 4, 1, 1) else None, dict(configs.STAGE_A),
+        f"Stage A of an unknown shape (up_blocks.0.0.weight {shape}).",
+    )
 
 
 def _is_stage_a(keys: set[str], prefix: str) -> bool:

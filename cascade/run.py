@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .request import GenerationRequest, StageSettings
+from .request import GenerationRequest, StageSettings, validate
 
 
 def request_from_args(args: argparse.Namespace, prompt: str, negative: str) -> GenerationRequest:
@@ -92,8 +92,6 @@ def generate_to_files(args: argparse.Namespace) -> list[Path]:
 
     backend = select_backend(args.device)
     request = request_from_args(args, prompt, negative).with_seed()
-    from .request import validate
-
     validate(request)
     placement = placement_for(args.offload, backend, prior_path, decoder_path, request, vram=args.vram)
     pipe, report = load_pipeline(prior_path, decoder_path, text_encoder=args.text_encoder, stage_a=args.stage_a,

@@ -157,7 +157,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             f"(expected {data_end:,} bytes, found {size:,}). The download was interrupted; download it again."
         )
     spans.sort()
-    for (a_lo, a_hi, a), (b_lo, _, b) in zip(spans, spans[1:]):
+    for (_, a_hi, a), (b_lo, _, b) in zip(spans, spans[1:]):
         if b_lo < a_hi:
             raise CorruptFileError(f"{path.name}: tensors {a!r} and {b!r} overlap in the file. Download it again.")
     return SafetensorsHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()}, size)

@@ -25,7 +25,6 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from diffusers import DDPMWuerstchenScheduler, StableCascadeCombinedPipeline
 from diffusers.utils import BaseOutput
