@@ -241,15 +241,27 @@ class Executor:
             self._check(block.nbytes)
             self.ledger.add(_upload_on(side, self.device, block, self._pin))
 
+        prefetched: list[int] = []  # the block uploaded ahead for the next call, until that call comes
+
         def pre_hook(index: int):
             def hook(module, args):
                 block = streamed[index]
+                if prefetched and prefetched[0] != index:
+                    # The block fetched ahead is not the one running: a level repeats (Stage B runs its up levels
+                    # 2-3 times) and the forward went back to the level's first block. Drop it, so that never more
+                    # than two blocks are in flight, as the plan's buffers assume; the level's last pass fetches
+                    # it again.
+                    stale = streamed[prefetched[0]]
+                    self.ledger.current -= stale.drop()
+                    stale.ready = None
+                prefetched.clear()
                 if block.on_device:
                     _wait_for(self.device, block)
                 else:
                     bring(block)
                 if prefetch and index + 1 < len(streamed) and not streamed[index + 1].on_device:
                     bring(streamed[index + 1])
+                    prefetched.append(index + 1)
 
             return hook
 
