@@ -144,8 +144,9 @@ def _full_size_state(prior: str, decoder: str) -> dict[str, dict[str, tuple[int,
 
 
 def default_dtypes(weights: str = "bf16") -> dict[str, torch.dtype]:
+    """Device dtypes as the backend policy sets them: `weights` for the text encoder and both UNets, Stage A fp32."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[weights]
-    return {"text_encoder": dtype, "prior": dtype, "decoder": dtype, "vqgan": dtype}
+    return {"text_encoder": dtype, "prior": dtype, "decoder": dtype, "vqgan": torch.float32}
 
 
 # --- plans ------------------------------------------------------------------------------------------------------
@@ -231,8 +232,13 @@ def _activations(sizes: ComponentSizes, shape: Shape) -> dict[str, int]:
     model = default_model()
     act = {}
     for phase in PHASES:
-        per_image = shape if phase != "vqgan" else Shape(shape.width, shape.height)  # Stage A decodes one image at a time
-        act[phase] = model.predict(phase, per_image, sizes.itemsize[phase])
+        if phase == "vqgan":  # Stage A decodes one image at a time, in strips (pipeline.decode_in_strips)
+            from .pipeline import stage_a_working_height
+
+            work = Shape(shape.width, stage_a_working_height(shape.width, shape.height))
+        else:
+            work = shape
+        act[phase] = model.predict(phase, work, sizes.itemsize[phase])
     return act
 
 

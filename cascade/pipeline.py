@@ -336,9 +336,10 @@ class CascadePipeline:
         """Stage A: pixels in [0, 1], (B, 3, H, W) fp32 on the CPU."""
         self._enter("vqgan")
         dtype = next(self.stage_a.parameters()).dtype
+        overlap = stage_a_overlap(self.stage_a.config)
         images = []
-        for latent in latents.split(1):  # one image at a time: Stage A's activations dominate at large sizes
-            image = self.stage_a.decode((latent * scale).to(self.device, dtype), return_dict=False)[0]
+        for latent in latents.split(1):  # one image at a time, in strips: Stage A's activations dominate at large sizes
+            image = decode_in_strips(self.stage_a, (latent * scale).to(self.device, dtype), overlap)
             images.append(image.float().clamp(0, 1).cpu())
         return torch.cat(images)
 
@@ -380,6 +381,45 @@ class CascadePipeline:
         timings["vqgan"] = time.perf_counter() - t0
         dtypes = {name: str(next(m.parameters()).dtype).removeprefix("torch.") for name, m in self.components.items()}
         return GenerationResult(images, request.seeds, request, dtypes, timings, warnings)
+
+
+STAGE_A_STRIP_PIXELS = 256 * 128  # latent pixels Stage A decodes at once (~ a 1024x512 image)
+
+
+def stage_a_overlap(config) -> int:
+    """Latent rows of context a strip needs on each side: Stage A's decoder sees one more row per residual block
+    (depthwise 3x3) at latent resolution, plus the transposed convolution and the last block at 2x; rounded up."""
+    return int(config.bottleneck_blocks) + 4
+
+
+def stage_a_strips(height: int, width: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """Latent row ranges (read_lo, read_hi, keep_lo, keep_hi) covering `height` rows in strips of about
+    STAGE_A_STRIP_PIXELS, each read with `overlap` rows of context that are decoded and then cut away."""
+    rows = max(1, STAGE_A_STRIP_PIXELS // width)
+    if height <= rows + overlap:
+        return [(0, height, 0, height)]
+    return [(max(0, lo - overlap), min(height, lo + rows + overlap), lo, min(height, lo + rows)) for lo in range(0, height, rows)]
+
+
+def stage_a_working_height(width: int, height: int, overlap: int = 16) -> int:
+    """Image height Stage A decodes at once for a width x height image (the memory planner's activation input)."""
+    strips = stage_a_strips(height // 4, width // 4, overlap)
+    return 4 * max(hi - lo for lo, hi, _, _ in strips)
+
+
+def decode_in_strips(stage_a: nn.Module, latent: torch.Tensor, overlap: int) -> torch.Tensor:
+    """Stage A decode of one latent (1, 4, h, w), strip by strip; the same pixels as one decode, less memory.
+
+    Exact because every output row depends only on latents within `overlap` rows (a convolutional decoder with
+    no global statistics); the rows a strip decodes from padded edges are cropped away.
+    """
+    strips = stage_a_strips(latent.shape[2], latent.shape[3], overlap)
+    pieces = []
+    for read_lo, read_hi, keep_lo, keep_hi in strips:
+        out = stage_a.decode(latent[:, :, read_lo:read_hi], return_dict=False)[0]
+        scale = out.shape[2] // (read_hi - read_lo)
+        pieces.append(out[:, :, scale * (keep_lo - read_lo) : scale * (keep_hi - read_lo)])
+    return torch.cat(pieces, dim=2)
 
 
 def _rescale_cfg(eps: torch.Tensor, eps_cond: torch.Tensor, rho: float) -> torch.Tensor:

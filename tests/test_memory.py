@@ -34,12 +34,14 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-# The decision table: (budget, width, height) -> expected mode. Peaks must be within the usable budget.
+# The decision table: (card, width, height) -> expected mode, bf16 UNets and text encoder, fp32 Stage A (the policy
+# on bf16 hardware). Peaks must be within the usable budget.
 DECISIONS = [
-    ("8GB", 1024, 1024, "stream"), ("8GB", 1024, 1536, "stream"), ("8GB", 2048, 1152, "stream"),
-    ("12GB", 1024, 1024, "stage"), ("12GB", 1024, 1536, "stage"), ("12GB", 2048, 1152, "stage"),
-    ("16GB", 1024, 1024, "resident"), ("16GB", 1024, 1536, "resident"), ("16GB", 2048, 1152, "resident"),
-    ("24GB", 1024, 1024, "resident"), ("24GB", 1024, 1536, "resident"), ("24GB", 2048, 1152, "resident"),
+    ("6GiB", 1024, 1024, "stream"), ("6GiB", 1024, 1536, "stream"), ("6GiB", 2048, 1152, "stream"),
+    ("8GiB", 1024, 1024, "stage"), ("8GiB", 1024, 1536, "stage"), ("8GiB", 2048, 1152, "stage"),
+    ("12GiB", 1024, 1024, "stage"), ("12GiB", 1024, 1536, "stage"), ("12GiB", 2048, 1152, "stage"),
+    ("16GiB", 1024, 1024, "resident"), ("16GiB", 1024, 1536, "resident"), ("16GiB", 2048, 1152, "resident"),
+    ("24GiB", 1024, 1024, "resident"), ("24GiB", 1024, 1536, "resident"), ("24GiB", 2048, 1152, "resident"),
 ]
 
 
@@ -53,12 +55,14 @@ def test_planner_decisions_full_size_bf16(budget, width, height, mode):
     if mode == "stream":
         kept = plan.chosen.resident_blocks["prior"]
         assert 0 < kept < len(full_sizes().blocks["prior"])  # Stage C partly streamed, not all of it
-        assert plan.chosen.bytes_moved < 40 * GiB
+        assert plan.chosen.bytes_moved < 80 * GiB
 
 
-def test_fp32_stage_c_needs_streaming_on_12gb():
-    plan = make_plan(ComponentSizes.full_size(default_dtypes("fp32")), Shape(1024, 1536), parse_size("12GB"))
-    assert plan.mode == "stream"
+@pytest.mark.parametrize("budget,mode", [("8GiB", "stream"), ("12GiB", "stream"), ("16GiB", "stage")])
+def test_fp32_stage_c_on_cards_without_bf16(budget, mode):
+    """RDNA2 / Turing: no native bf16, so Stage C runs in fp32 (14.4 GB) and must be staged or streamed."""
+    plan = make_plan(ComponentSizes.full_size(default_dtypes("fp32")), Shape(1024, 1536), parse_size(budget))
+    assert plan.mode == mode and plan.chosen.peak <= plan.usable
 
 
 def test_refusal_names_the_largest_size_that_fits():
