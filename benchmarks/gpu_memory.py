@@ -11,13 +11,10 @@ What is compared
       16 GiB, mode `resident`   everything on the device;
       16 GiB, mode `stage`      one stage's weights on the device at a time (uploads from pinned host memory);
       8 GiB,  mode `stream`     what does not fit is streamed block by block.
-    With the engine's dtypes on CUDA (UNets and CLIP-G bf16, Stage A fp32, so Stage A's activations count double)
-    the planner predicts (`--check-layout` prints the full plans without a GPU):
-      16 GiB resident: 1024x1536 fits (14.05 GiB of 14.70 usable); 2048x1152 does not (15.60): refused before
-                       loading, recorded as "plan", not measured, and stage vs resident is compared at 1024x1536 only;
-      16 GiB stage:    6.80 / 7.62 GiB;
-      8 GiB stream:    1024x1536 keeps every block (moves like stage), 2048x1152 streams 58 of the decoder's 236
-                       blocks (stage alone would need 7.62 GiB of 7.10 usable).
+    With the engine's dtypes on CUDA (UNets and CLIP-G bf16, Stage A fp32, decoded in strips) the planner predicts
+    `resident` fits 16 GiB at both sizes (about 12.3 / 12.5 GiB), `stage` about 6.8 / 6.9 GiB, and on 8 GiB `stage`
+    already fits, so the forced `stream` case keeps every block and moves like `stage`; `--check-layout` prints the
+    full plans without a GPU.
     Per phase (text encoder, Stage C, Stage B, Stage A) the peak of `torch.cuda.max_memory_allocated()` is taken
     between phase entries (the statistics are reset when a phase starts, by a wrapper around the executor's
     `enter`), and compared with the plan's prediction for that phase (`plan.chosen.phases[p].peak`: weights on the
@@ -37,7 +34,7 @@ Why
 
 Targets (same run)
     every case the planner accepts completes without an out-of-memory retry or NaN fallback;  measured peak <=
-    predicted peak x 1.05 in every phase;  time(stage) <= 1.05 x time(resident) where both fit (1024x1536 at 16 GiB);
+    predicted peak x 1.05 in every phase;  time(stage) <= 1.05 x time(resident) where both fit (both sizes at 16 GiB);
     the 8 GiB cap completes with `stream` at both sizes.  Reported, no target: our time and peak as ratios to diffusers + enable_model_cpu_offload.
 
 How it is measured
