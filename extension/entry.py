@@ -67,7 +67,7 @@ def prompt_text_script():
 
     For our pipeline it sets `p.task_args['prompt']` to the batch's prompt text before SD.Next builds the call
     arguments. SD.Next then skips its own prompt encoder and passes the text (and negative text) through, which the
-    engine encodes itself (docs/sdnext.md explains why). It has no UI.
+    engine encodes itself (README, "SD.Next", explains why). It has no UI.
     """
     from modules import scripts, shared
 

@@ -82,7 +82,7 @@ class SdnextHost(PipelineHost):
             args["seeds"] = [int(s) for s in p.seeds]
         for key in _SDNEXT_CALLBACKS:
             args.pop(key, None)
-        # The engine encodes the prompt text itself (docs/sdnext.md); SD.Next passes embeddings instead of text when
+        # The engine encodes the prompt text itself (README, "SD.Next"); SD.Next passes embeddings instead of text when
         # its parser ran, so hand over this batch's text too.
         args.setdefault("prompt", list(p.prompts))
         args.setdefault("negative_prompt", list(p.negative_prompts))

@@ -10,7 +10,7 @@ modules for offload, quantisation and moves, fills only *named* `__call__` param
 Prompt conditioning: the engine re-encodes the prompt *text* with `cascade.text` (the model card's / ComfyUI's
 encoding: last CLIP-G layer before the final LayerNorm, ComfyUI weighting, pooled embedding of the weight-free
 text, 75-token chunks, BREAK). Embeddings passed in (`prompt_embeds` plus either pooled name) are used only when no
-text is given. See docs/sdnext.md for why SD.Next's own embeddings are not used.
+text is given. See the README (section "SD.Next") for why SD.Next's own embeddings are not used.
 
 Stopping: when the host asks to stop, the images finished so far are returned (`interrupted=True`) — usually none,
 as a batch runs as one. Every other failure is raised as `extension.errors.CascadeHostError`, so a failed
