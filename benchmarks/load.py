@@ -48,7 +48,6 @@ import os
 import platform
 import resource
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -61,7 +60,6 @@ if str(ROOT) not in sys.path:
 
 RESULTS = ROOT / "benchmarks" / "results" / "load.json"
 UNET_PREFIX = "model.diffusion_model."
-CLIP_PREFIX = "text_encoder.clip_g.transformer."
 EXPECTED_PRIOR_PARAMS = 3_589_103_632
 METHODS = ("ours", "load_file", "safe_open")
 TARGET_RSS_RATIO = 1.15
@@ -72,92 +70,46 @@ GB = 1e9
 # ---------------------------------------------------------------------------------------------------------------
 # The test file: written tensor by tensor, never more than one tensor in RAM
 # ---------------------------------------------------------------------------------------------------------------
-def file_layout(with_clip_g: bool) -> dict[str, tuple[int, ...]]:
-    """file key -> shape of a ComfyUI Stage C main file (big prior UNet, optionally CLIP-G), from meta models."""
-    from cascade import configs
-    from cascade.keymaps import unet_keys_for_layout
-    from cascade.loader import instantiate
+def file_layout(with_clip_g: bool) -> dict:
+    """file key -> _fullsize.Spec of a ComfyUI Stage C main file in fp16 (big prior UNet, optionally CLIP-G)."""
+    import torch
 
-    unet = instantiate("prior", configs.unet_config("prior", "big"))
-    shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
-    layout: dict[str, tuple[int, ...]] = {}
-    for file_key, members in unet_keys_for_layout(shapes, "comfyui", "prior").items():
-        first = shapes[members[0][0]]
-        rows = sum(shapes[m][0] for m, _ in members)  # only 'stability' stacks q/k/v; comfyui has one member
-        layout[UNET_PREFIX + file_key] = (rows, *first[1:]) if len(members) > 1 else first
+    from benchmarks._fullsize import text_encoder_layout, unet_layout
+    from cascade import configs
+
+    layout = unet_layout("prior", configs.unet_config("prior", "big"), torch.float16)
     if with_clip_g:
-        clip = instantiate("text_encoder", dict(configs.CLIP_G))
-        for k, v in clip.state_dict().items():
-            if not k.endswith("position_ids"):
-                layout[CLIP_PREFIX + k] = tuple(v.shape)
-        layout["text_encoder.clip_g.logit_scale"] = ()
+        layout |= text_encoder_layout(dict(configs.CLIP_G), torch.float16)
     return dict(sorted(layout.items()))  # safetensors' own writer orders same-dtype tensors by name
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def write_random_fp16_file(path: Path, layout: dict[str, tuple[int, ...]], seed: int = 0) -> None:
-    """A valid safetensors file of random fp16 tensors: 8-byte header length, JSON header, contiguous data.
-
-    The header is padded with spaces to a multiple of 8 bytes (as the reference writer does); data offsets are
-    relative to the end of the header and leave no holes. Data is generated and written one tensor at a time.
-    """
-    import torch
-
-    header: dict[str, object] = {"__metadata__": {"cascade.bench": "random fp16 weights, benchmarks/load.py"}}
-    offset = 0
-    for key, shape in layout.items():
-        nbytes = _numel(shape) * 2
-        header[key] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    gen = torch.Generator().manual_seed(seed)
-    tmp = path.with_name(path.name + ".partial")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    t0, done = time.perf_counter(), 0
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for i, (key, shape) in enumerate(layout.items()):
-            t = torch.empty(shape, dtype=torch.float16)
-            t.uniform_(-0.05, 0.05, generator=gen)  # ~ the spread of trained weights; no inf/nan
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-            done += t.numel() * 2
-            if i % 200 == 0:
-                print(f"  writing {path.name}: {done / GB:5.2f} / {offset / GB:.2f} GB", flush=True)
-    os.replace(tmp, path)
-    print(f"  wrote {path} ({offset / GB:.2f} GB of tensors) in {time.perf_counter() - t0:.0f} s", flush=True)
-
-
 def ensure_file(workdir: Path, with_clip_g: bool) -> Path:
+    """The test file, written once (tensor by tensor, by benchmarks/_fullsize.py) and reused while it matches."""
+    from benchmarks._fullsize import write_random_safetensors
+
     name = "stage_c_big_comfyui_fp16" + ("_clip_g" if with_clip_g else "") + ".safetensors"
     path = workdir / name
     layout = file_layout(with_clip_g)
-    unet_params = sum(_numel(s) for k, s in layout.items() if k.startswith(UNET_PREFIX))
+    unet_params = sum(spec.numel for k, spec in layout.items() if k.startswith(UNET_PREFIX))
     assert unet_params == EXPECTED_PRIOR_PARAMS, f"big prior has {unet_params} parameters, expected {EXPECTED_PRIOR_PARAMS}"
-    expected_size = None
     if path.is_file():
         from cascade.tensorfile import read_header
 
         try:
             header = read_header(path)
-            if {k: tuple(v.shape) for k, v in header.tensors.items()} == layout:
+            if {k: tuple(v.shape) for k, v in header.tensors.items()} == {k: spec.shape for k, spec in layout.items()}:
                 print(f"reusing {path}", flush=True)
                 return path
         except Exception as err:  # a damaged cache is rebuilt
             print(f"rebuilding {path}: {err}", flush=True)
-    free = os.statvfs(workdir).f_bavail * os.statvfs(workdir).f_frsize if workdir.exists() else None
-    expected_size = sum(_numel(s) for s in layout.values()) * 2
-    if free is not None and free < expected_size * 1.05:
+    expected_size = sum(spec.nbytes for spec in layout.values())
+    workdir.mkdir(parents=True, exist_ok=True)
+    free = os.statvfs(workdir).f_bavail * os.statvfs(workdir).f_frsize
+    if free < expected_size * 1.05:
         sys.exit(f"{workdir}: {free / GB:.1f} GB free, the test file needs {expected_size / GB:.1f} GB")
     print(f"generating {path} ({expected_size / GB:.2f} GB, once)", flush=True)
-    write_random_fp16_file(path, layout)
+    write_random_safetensors(path, layout, {"cascade.bench": "random fp16 weights, benchmarks/load.py"},
+                             log=lambda msg: print(msg, flush=True))
     return path
 
 
