@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 TORCH_PIN = "torch==2.13.0"
+MIN_PYTHON = (3, 11)  # Requires-Python of the pins in requirements*.txt (numpy 2.4, diffusers 0.42, ...)
 # Installed without dependencies: its package pulls torchvision and training tools the tests do not need.
 DEV_NO_DEPS = ["k-diffusion==0.1.1.post1"]
 
@@ -54,8 +55,9 @@ def pip(*args: str) -> None:
 
 
 def install_standalone(dev: bool) -> None:
-    if sys.version_info < (3, 10):
-        sys.exit(f"Python 3.10 or newer is needed (this is {sys.version.split()[0]}).")
+    if sys.version_info < MIN_PYTHON:
+        sys.exit(f"Python {'.'.join(map(str, MIN_PYTHON))} or newer is needed (this is {sys.version.split()[0]}): "
+                 "the pinned diffusers, transformers, numpy, scipy and pillow releases need it.")
     if importlib.util.find_spec("torch") is None:
         # A GPU user installs torch for their vendor first (see README); we only fill the gap.
         pip(TORCH_PIN)

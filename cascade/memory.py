@@ -394,10 +394,20 @@ def budget_for(backend, vram: str | None) -> int:
     return int(info.free)
 
 
+def validate_shape(shape: Shape) -> None:
+    """Refuse sizes a generation would refuse (InvalidRequestError naming the fix) before planning for them: a zero
+    width would divide by zero, and a huge one would make the largest-fitting-size search run for hours."""
+    from .request import GenerationRequest, validate
+
+    validate(GenerationRequest(prompt="", width=shape.width, height=shape.height, batch_size=shape.batch,
+                               compression=shape.compression))
+
+
 def plan_from_args(args) -> Plan:
     """`python -m cascade plan`: full-size figures, or the sizes read from --prior/--decoder headers."""
     dtypes = default_dtypes(args.dtype)
     shape = Shape(args.width, args.height, args.batch, args.compression, args.cfg, args.decoder_cfg)
+    validate_shape(shape)
     if args.prior and args.decoder:
         from .loader import resolve_sources
 
@@ -413,8 +423,13 @@ def plan_from_args(args) -> Plan:
     return make_plan(sizes, shape, budget)
 
 
-def placement_for(mode: str, backend, prior_path, decoder_path, request, vram: str | None = None, dtypes=None):
-    """The executor for a CLI generation: plan from the headers and the budget, refuse before loading if nothing fits."""
+def placement_for(mode: str, backend, prior_path, decoder_path, request, vram: str | None = None, dtypes=None,
+                  sources=None):
+    """The executor for a CLI generation: plan from the headers and the budget, refuse before loading if nothing fits.
+
+    `sources`/`dtypes`: what will actually be loaded (explicit --text-encoder/--stage-a files, --dtype); by default
+    the pair's own sources at the backend policy's dtypes.
+    """
     from .errors import CascadeError
     from .loader import resolve_sources
     from .offload import Executor
@@ -424,7 +439,7 @@ def placement_for(mode: str, backend, prior_path, decoder_path, request, vram: s
     from .engine import choose_dtypes
 
     dtypes = dtypes or choose_dtypes(backend, None)
-    sizes = ComponentSizes.from_sources(resolve_sources(prior_path, decoder_path), dtypes)
+    sizes = ComponentSizes.from_sources(sources or resolve_sources(prior_path, decoder_path), dtypes)
     shape = Shape(request.width, request.height, request.batch_size, request.compression, request.prior.cfg,
                   request.decoder.cfg)
     budget = budget_for(backend, vram)

@@ -81,13 +81,25 @@ class _Weights:
         return self.device_bytes > 0
 
     def upload(self, device: torch.device, non_blocking: bool, skip: frozenset = frozenset()) -> int:
-        """Copy every slot not in `skip` (slot keys) to the device; returns the weight bytes moved."""
+        """Copy every slot not in `skip` (slot keys) to the device; returns the weight bytes moved.
+
+        All or nothing: when a copy fails (out of memory halfway through), the slots already copied are pointed back
+        at their host copies before the error propagates, so no device memory stays held by a part that the ledger
+        (and `Executor._drop`) believes is off the device.
+        """
         moved = 0
-        for slot in self.slots:
-            if slot.key in skip:
-                continue
-            slot.point_to(slot.host.to(device, non_blocking=non_blocking))
-            moved += slot.nbytes if slot.counted else 0
+        try:
+            for slot in self.slots:
+                if slot.key in skip:
+                    continue
+                slot.point_to(slot.host.to(device, non_blocking=non_blocking))
+                moved += slot.nbytes if slot.counted else 0
+        except BaseException:
+            for slot in self.slots:
+                if slot.key not in skip:
+                    slot.point_to(slot.host)
+            self.device_bytes = 0
+            raise
         self.device_bytes = moved
         return moved
 
@@ -255,10 +267,11 @@ class Executor:
                     self.ledger.current -= stale.drop()
                     stale.ready = None
                 prefetched.clear()
-                if block.on_device:
-                    _wait_for(self.device, block)
-                else:
+                if not block.on_device:
                     bring(block)
+                # Also after an upload made just now: it ran on the side stream, and the compute stream must not
+                # read the weights before that copy has finished.
+                _wait_for(self.device, block)
                 if prefetch and index + 1 < len(streamed) and not streamed[index + 1].on_device:
                     bring(streamed[index + 1])
                     prefetched.append(index + 1)

@@ -77,8 +77,9 @@ def generate_to_files(args: argparse.Namespace) -> list[Path]:
 
     from . import presets, tiny
     from .checkpoints import scan
-    from .engine import load_pipeline, parse_dtype
+    from .engine import choose_dtypes, load_pipeline, parse_dtype
     from .infotext import build_infotext, save_png, short_hash
+    from .loader import resolve_sources
     from .memory import placement_for
     from .pipeline import to_pil
     from .tensorfile import read_header
@@ -93,9 +94,13 @@ def generate_to_files(args: argparse.Namespace) -> list[Path]:
     backend = select_backend(args.device)
     request = request_from_args(args, prompt, negative).with_seed()
     validate(request)
-    placement = placement_for(args.offload, backend, prior_path, decoder_path, request, vram=args.vram)
-    pipe, report = load_pipeline(prior_path, decoder_path, text_encoder=args.text_encoder, stage_a=args.stage_a,
-                                 backend=backend, dtype=parse_dtype(args.dtype), placement=placement)
+    # Plan for exactly what will be loaded: the explicit text encoder / Stage A files and the --dtype.
+    sources = resolve_sources(prior_path, decoder_path, text_encoder=args.text_encoder, stage_a=args.stage_a)
+    dtype = parse_dtype(args.dtype)
+    placement = placement_for(args.offload, backend, prior_path, decoder_path, request, vram=args.vram,
+                              dtypes=choose_dtypes(backend, dtype), sources=sources)
+    pipe, report = load_pipeline(prior_path, decoder_path, backend=backend, dtype=dtype, placement=placement,
+                                 sources=sources)
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     progress = _Progress(enabled=not args.quiet)

@@ -42,6 +42,10 @@ class SdnextOffload:
     def degrade(self, components: dict[str, nn.Module]) -> str | None:
         return None  # SD.Next's offload settings are the user's to change
 
+    def recast(self, component: str, module: nn.Module, dtype: torch.dtype) -> None:
+        """NaN guard's retry in a safer dtype: convert the weights where they are; SD.Next's hooks keep moving them."""
+        module.to(dtype)
+
 
 def planned_placement(backend, prior, decoder, dtype: torch.dtype | None):
     """Our planner's executor for SD.Next's offload mode `none` (plan for the model card's size, default steps)."""

@@ -122,14 +122,23 @@ def _quiet_deprecation():
         logger.setLevel(level)
 
 
-def _consecutive_runs(seeds: list[int]) -> list[tuple[int, int]]:
-    """Index ranges [start, end) of seeds that go up by one: each runs as one engine batch (seed + i)."""
+def _consecutive_runs(seeds: list[int], lengths: list[tuple[int, ...]] | None = None) -> list[tuple[int, int]]:
+    """Index ranges [start, end) of seeds that go up by one: each runs as one engine batch (seed + i).
+
+    `lengths` (per image, e.g. the cond/uncond sequence lengths) also splits a run where it changes: images in one
+    batch must have conditionings of one length, else they would be tiled to a common length (which changes the
+    result, Stage C attends over image and text tokens together) and image i would differ from a single run.
+    """
     runs, start = [], 0
     for i in range(1, len(seeds) + 1):
-        if i == len(seeds) or seeds[i] != seeds[i - 1] + 1:
+        if i == len(seeds) or seeds[i] != seeds[i - 1] + 1 or (lengths is not None and lengths[i] != lengths[i - 1]):
             runs.append((start, i))
             start = i
     return runs
+
+
+def _rows(cond: list[Conditioning], start: int, end: int) -> Conditioning:
+    return Conditioning(torch.cat([c.hidden for c in cond[start:end]]), torch.cat([c.pooled for c in cond[start:end]]))
 
 
 class StableCascadeSingleFilePipeline(StableCascadeCombinedPipeline):
@@ -205,17 +214,16 @@ class StableCascadeSingleFilePipeline(StableCascadeCombinedPipeline):
             self.host.preprocess(self, p, args)
 
     # --- conditioning -----------------------------------------------------------------------------------------
-    def _encode(self, texts: list[str]) -> Conditioning:
-        unique = list(dict.fromkeys(texts))
-        try:
-            enc = self.engine.encode(unique)
-        except ValueError as e:  # prompts too different in length to share a batch
-            raise InvalidRequestError(f"{e}; generate these prompts with batch size 1") from None
-        index = [unique.index(t) for t in texts]
-        return Conditioning(enc.hidden[index], enc.pooled[index])
+    def _encode(self, texts: list[str]) -> list[Conditioning]:
+        """One conditioning (1, 77·k, D) per text. Each distinct text is encoded on its own, never tiled to the
+        length of another prompt of the batch, so an image does not depend on the prompts it is batched with."""
+        encoded: dict[str, Conditioning] = {}
+        for text in dict.fromkeys(texts):
+            encoded[text] = self.engine.encode([text])
+        return [encoded[t] for t in texts]
 
     def _conditioning(self, prompts: list[str] | None, embeds: torch.Tensor | None, pooled: torch.Tensor | None,
-                      batch: int, what: str) -> Conditioning:
+                      batch: int, what: str) -> list[Conditioning]:
         if prompts is not None:
             return self._encode(prompts)
         if embeds is None:
@@ -227,9 +235,10 @@ class StableCascadeSingleFilePipeline(StableCascadeCombinedPipeline):
             )
         hidden = embeds.float()
         pooled = _pooled(pooled.float(), hidden.shape[0])
-        if hidden.shape[0] == 1 and batch > 1:
-            hidden, pooled = hidden.expand(batch, -1, -1), pooled.expand(batch, -1, -1)
-        return Conditioning(hidden, pooled)
+        if hidden.shape[0] != batch and batch % hidden.shape[0] == 0:  # one row per prompt: num_images_per_prompt
+            per_prompt = batch // hidden.shape[0]
+            hidden, pooled = hidden.repeat_interleave(per_prompt, 0), pooled.repeat_interleave(per_prompt, 0)
+        return [Conditioning(hidden[i : i + 1], pooled[i : i + 1]) for i in range(hidden.shape[0])]
 
     # --- the call SD.Next makes -------------------------------------------------------------------------------
     def __call__(  # noqa: PLR0913 - SD.Next fills named parameters only
@@ -308,7 +317,10 @@ class StableCascadeSingleFilePipeline(StableCascadeCombinedPipeline):
             uncond = self._conditioning(negatives, negative_prompt_embeds,
                                         negative_prompt_embeds_pooled if negative_prompt_embeds_pooled is not None
                                         else negative_pooled_prompt_embeds, batch, "negative prompt")
-            runs = _consecutive_runs(all_seeds)
+            if len(cond) != batch or len(uncond) != batch:
+                raise InvalidRequestError(f"{len(cond)} prompt and {len(uncond)} negative prompt conditionings for "
+                                          f"{batch} images")
+            runs = _consecutive_runs(all_seeds, [(c.hidden.shape[1], u.hidden.shape[1]) for c, u in zip(cond, uncond)])
             totals = {"prior": len(sampling.sigmas_for(prior.sampler, prior.scheduler, prior.steps, prior.shift)) - 1,
                       "decoder": len(sampling.sigmas_for(decoder.sampler, decoder.scheduler, decoder.steps,
                                                          decoder.shift)) - 1}
@@ -334,8 +346,7 @@ class StableCascadeSingleFilePipeline(StableCascadeCombinedPipeline):
                     compression=base.compression, stage_a_scale=base.stage_a_scale, cfg_rescale=base.cfg_rescale)
                 result = self.engine.generate(
                     request, callback=on_step, interrupt=host.should_stop,
-                    cond=Conditioning(cond.hidden[start:end], cond.pooled[start:end]),
-                    uncond=Conditioning(uncond.hidden[start:end], uncond.pooled[start:end]))
+                    cond=_rows(cond, start, end), uncond=_rows(uncond, start, end))
                 finished.append(result.images)
         except GenerationInterrupted as e:
             log.info("Stable Cascade: %s", e)

@@ -82,6 +82,7 @@ def plan_json(lib: library.Library, model: str | None, width: int, height: int, 
     sizes = memory.ComponentSizes.from_sources(resolve_sources(pair.prior, pair.decoder), dtypes)
     settings = resolve_settings(lambda key: options.value(key))
     shape = Shape(width, height, batch, settings.compression)
+    memory.validate_shape(shape)  # InvalidRequestError -> HTTP 400 (a huge size would tie up the server)
     budget = memory.budget_for(backend, vram)
     plan = memory.make_plan(sizes, shape, budget)
     out = plan.to_dict()

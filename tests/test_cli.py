@@ -65,6 +65,25 @@ def test_preset_can_be_turned_off(tmp_path, tiny_pair, capsys):
     assert params["Prompt"] == "a cat" and "Preset" not in params
 
 
+
+def test_bare_files_with_explicit_text_encoder_and_stage_a(tmp_path, tiny_models, capsys):
+    """Stability's bare Stage C / Stage B plus --text-encoder / --stage-a files that no naming rule finds: the memory
+    plan must use the same sources as the load (it used to re-resolve without them and fail), and --dtype."""
+    from cascade import tiny
+
+    prior = tiny.write_stability_unet(tmp_path / "c.safetensors", tiny_models, "prior")
+    decoder = tiny.write_stability_unet(tmp_path / "b.safetensors", tiny_models, "decoder")
+    clip = tiny.write_text_encoder_side_file(tmp_path / "clip_g.safetensors", tiny_models)
+    stage_a = tmp_path / "elsewhere" / "vqgan.safetensors"
+    stage_a.parent.mkdir()
+    tiny.write_stage_a(stage_a, tiny_models)
+    out = tmp_path / "bare.png"
+    code = main(["generate", "a cat", "--prior", str(prior), "--decoder", str(decoder), "--text-encoder", str(clip),
+                 "--stage-a", str(stage_a), "--out", str(out), "--width", "128", "--height", "128", "--steps", "2",
+                 "--decoder-steps", "1", "--device", "cpu", "--dtype", "fp32", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert Image.open(out).size == (128, 128)
+
 def test_wrong_file_is_a_clear_error_and_writes_nothing(tmp_path, tiny_pair, capsys):
     prior, decoder = tiny_pair
     out = tmp_path / "never.png"
@@ -102,3 +121,16 @@ def test_tags_lists_the_card_vocabulary(capsys):
     assert main(["tags"]) == 0
     out = capsys.readouterr().out
     assert "extremely aesthetic" in out and "best quality" in out and "newest" in out
+
+
+def test_install_refuses_a_python_the_pins_do_not_support(monkeypatch):
+    """requirements.txt pins releases that need Python 3.11 (numpy 2.4, diffusers 0.42, ...): install.py must say so
+    up front instead of letting pip fail with "no matching distribution"."""
+    import install
+
+    calls = []
+    monkeypatch.setattr(install, "pip", lambda *args: calls.append(args))
+    monkeypatch.setattr(install.sys, "version_info", (3, 10, 14, "final", 0))
+    with pytest.raises(SystemExit, match="3.11 or newer"):
+        install.install_standalone(dev=False)
+    assert calls == []

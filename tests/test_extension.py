@@ -193,6 +193,32 @@ def test_placement_owned_devices_ignore_whole_pipeline_moves(tiny_pipeline):
     assert next(tiny_pipeline.prior.parameters()).device.type == "cpu"
 
 
+
+def test_nan_retry_works_under_sdnext_offload(tiny_pair):
+    """With SD.Next's own offload modes the placement is SdnextOffload: the NaN guard's retry in a safer dtype must
+    convert the weights through it (it lacked `recast`, so the retry died with an AttributeError)."""
+    from backends import select_backend
+    from cascade.engine import load_pipeline
+    from cascade.request import GenerationRequest, StageSettings
+    from extension.offload import SdnextOffload
+
+    engine, _ = load_pipeline(*tiny_pair, backend=select_backend("cpu"), dtype=torch.bfloat16,
+                              placement=SdnextOffload("balanced", torch.device("cpu"), lambda: None))
+
+    def poison_in_bf16(module, args, output):
+        if next(module.parameters()).dtype == torch.bfloat16:
+            return (torch.full_like(output[0], float("nan")),)
+        return output
+
+    handle = engine.prior.register_forward_hook(poison_in_bf16)
+    try:
+        result = engine.generate(GenerationRequest(
+            "a cat", width=128, height=128, seed=1, prior=StageSettings(2, 4.0, "euler", "karras", 2.0),
+            decoder=StageSettings(1, 1.0, "euler", "karras", 1.0)))
+    finally:
+        handle.remove()
+    assert torch.isfinite(result.images).all() and result.dtypes["prior"] == "float32"
+
 # --- folder scanning, pairing, descriptors -------------------------------------------------------------------------
 
 
@@ -486,3 +512,24 @@ def test_entry_script_refuses_a_shadowing_package(monkeypatch, tmp_path):
 
 def test_generation_interrupted_is_not_a_host_error():
     assert not issubclass(GenerationInterrupted, (ValueError, RuntimeError, AssertionError))
+
+
+def test_batch_of_prompts_of_different_lengths_equals_single_runs(pipe):
+    """A batch mixing a one-chunk and a two-chunk prompt (wildcards, API prompt lists): each image equals the single
+    run with its prompt and seed. Encoding them together tiled the short one to the long one's length, which changes
+    Stage C's attention (image and text tokens share one softmax), and the image."""
+    long = ", ".join(["masterpiece", "1girl", "solo", "smile"] * 30)
+    batch = pipe(prompt=["a cat", long], seeds=[1, 2], output_type="np", **SMALL)
+    assert batch.seeds == [1, 2] and batch.images.shape[0] == 2
+    for i, (text, seed) in enumerate((("a cat", 1), (long, 2))):
+        single = pipe(prompt=text, seeds=[seed], output_type="np", **SMALL).images[0]
+        assert np.abs(batch.images[i] - single).max() < 1e-4, text
+
+
+def test_embeddings_with_several_images_per_prompt(pipe, tiny_pipeline):
+    cond, uncond = tiny_pipeline.encode(["a red fox"]), tiny_pipeline.encode([""])
+    out = pipe(prompt_embeds=cond.hidden, prompt_embeds_pooled=cond.pooled, negative_prompt_embeds=uncond.hidden,
+               negative_prompt_embeds_pooled=uncond.pooled, num_images_per_prompt=2, seeds=[4, 9], output_type="np",
+               **SMALL)
+    text = pipe(prompt="a red fox", seeds=[9], output_type="np", **SMALL).images[0]
+    assert out.images.shape[0] == 2 and np.abs(out.images[1] - text).max() < 1e-4

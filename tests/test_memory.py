@@ -245,3 +245,88 @@ def test_cli_plan_refuses_before_loading(capsys):
     assert "chosen: resident" in capsys.readouterr().out
     assert main(["plan", "--vram", "1GiB", "--width", "2048", "--height", "2048", "--json"]) == 2
     assert '"fits": false' in capsys.readouterr().out
+
+
+def test_failed_upload_leaves_nothing_on_the_device(monkeypatch):
+    """An out-of-memory error halfway through an upload points the copied slots back at their host copies: a part
+    the ledger counts as off the device must not keep device memory (Executor._drop skips such parts)."""
+    from torch import nn
+
+    from cascade import offload
+
+    module = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    weights = offload._Weights(module)
+    real_to, calls = torch.Tensor.to, [0]
+
+    def stand_in_device_to(self, *args, **kwargs):  # an upload is a copy; the third one runs out of memory
+        calls[0] += 1
+        if calls[0] == 3:
+            raise torch.OutOfMemoryError("stand-in: out of memory mid-upload")
+        return self.clone()
+
+    monkeypatch.setattr(torch.Tensor, "to", stand_in_device_to)
+    with pytest.raises(torch.OutOfMemoryError):
+        weights.upload(torch.device("cpu"), non_blocking=False)
+    monkeypatch.setattr(torch.Tensor, "to", real_to)
+    assert not weights.on_device
+    assert all(slot.current().data_ptr() == slot.host.data_ptr() for slot in weights.slots)
+
+
+def test_streamed_block_is_waited_for_before_it_runs(tiny_pair, monkeypatch):
+    """With a copy stream, every streamed block's upload is waited for before its forward: the prefetched ones and
+    also the ones uploaded on demand (the first streamed block of each pass, a block fetched again when a level
+    repeats). A stand-in stream records which uploads are still in flight."""
+    from backends import select_backend
+    from cascade import offload
+    from cascade.offload import Executor
+
+    sizes, _ = tiny_plan(tiny_pair, monkeypatch, 10**12)
+    budget, activations = squeezing_activations(sizes)
+    _, plan = tiny_plan(tiny_pair, monkeypatch, budget, mode="stream", activations=activations)
+    backend = select_backend("cpu")
+    monkeypatch.setattr(type(backend), "copy_stream", lambda self: "side-stream")
+    in_flight: set[int] = set()
+
+    def upload_on(stream, device, block, non_blocking):
+        moved = block.upload(device, non_blocking)
+        if stream is not None:
+            block.ready = "copy-finished event"
+            in_flight.add(id(block.module))
+        return moved
+
+    def wait_for(device, block):
+        if block.ready is not None:
+            in_flight.discard(id(block.module))
+            block.ready = None
+
+    monkeypatch.setattr(offload, "_upload_on", upload_on)
+    monkeypatch.setattr(offload, "_wait_for", wait_for)
+    executor = Executor(plan, backend)
+    install = executor._install_stream_hooks
+    used_in_flight, runs = [], [0]
+
+    def install_and_check(name, streamed):
+        install(name, streamed)
+        for block in streamed:  # registered after the executor's hooks: runs right before the block computes
+            def check(module, args):
+                runs[0] += 1
+                if id(module) in in_flight:
+                    used_in_flight.append(type(module).__name__)
+            executor._hooks[name].append(block.module.register_forward_pre_hook(check))
+
+    monkeypatch.setattr(executor, "_install_stream_hooks", install_and_check)
+    pipe = load_with(tiny_pair, executor)
+    pipe.generate(GenerationRequest("a cat", width=256, height=256, seed=1, **FAST))
+    assert runs[0] > 0
+    assert used_in_flight == []
+
+
+@pytest.mark.parametrize("width,message", [(0, "width 0 is not a multiple of 128"),
+                                           (1_000_064, "width 1000064 is larger than 4096")])
+def test_cli_plan_refuses_sizes_a_generation_refuses(capsys, width, message):
+    """A zero width divided by zero; a huge one made the largest-fitting search run for hours (also reachable
+    through GET /cascade/v1/plan?width=...)."""
+    from cascade.cli import main
+
+    assert main(["plan", "--vram", "4GiB", "--width", str(width), "--height", "1024"]) == 2
+    assert message in capsys.readouterr().err
