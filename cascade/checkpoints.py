@@ -309,7 +309,8 @@ def checkpoint_from_header(header: SafetensorsHeader) -> Checkpoint:
     for part in found:
         parts.setdefault(part.kind, part)
     role = _role(parts)
-    if role is None:
+    foreign_unet = PRIOR not in parts and DECODER not in parts and any(k.startswith(_COMFY_UNET) for k in unknown)
+    if role is None or foreign_unet:  # e.g. SD3 all-in-one files also carry `text_encoders.clip_g.`
         raise NotStableCascadeError(
             f"{path.name} is not a Stable Cascade file: it looks like {looks_like(set(header.keys()))}. "
             "Stable Cascade needs a Stage C ('main'/prior) file and a Stage B ('decoder') file."

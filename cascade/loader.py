@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -150,20 +151,22 @@ def resolve_sources(
 
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device while keeping buffers real.
+    """Create parameters on the meta device while keeping buffers real, for modules built in this thread.
 
     Buffers such as CLIP's non-persistent `position_ids` are computed in __init__ and are not in any file, so they
-    must be materialised; parameters come from the file and would only waste time and RAM if initialised.
+    must be materialised; parameters come from the file and would only waste time and RAM if initialised. The patch
+    is scoped to this block and to the calling thread: a module another thread builds meanwhile (a host UI, another
+    extension) gets ordinary parameters.
     """
     original = nn.Module.register_parameter
+    owner = threading.get_ident()
 
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-            module._parameters[name] = meta
+        if param is not None and param.device.type != "meta" and threading.get_ident() == owner:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
-    nn.Module.register_parameter = register_on_meta  # scoped: restored below, never leaks out of this block
+    nn.Module.register_parameter = register_on_meta
     try:
         yield
     finally:

@@ -173,7 +173,7 @@ class Option:
 
     mode: str
     phases: dict[str, PhasePlan]
-    bytes_moved: int  # host->device bytes per generation (steady state, after the first)
+    bytes_moved: int  # host->device bytes per generation (steady state); streaming assumes one UNet call per step
     fits: bool
     resident_blocks: dict[str, int] = field(default_factory=dict)  # streamed UNets: how many leading blocks stay
 

@@ -14,13 +14,13 @@ upload: it is the allocation boundary where a test stands in for a device that r
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
-from .memory import COMPONENTS, STREAMABLE, Option, Plan, fallback_option
+from .memory import COMPONENTS, MODES, STREAMABLE, Option, Plan, fallback_option, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -174,27 +174,43 @@ class Executor:
         if option is None:
             return None
         self._adopt(components)
-        for name in COMPONENTS:
-            part = self._parts[name]
-            if any(s.host.device != self.host_device for s in part.slots):
-                part.bring_home(self._to_host)
-            self._drop(name)
-        for name in STREAMABLE:  # block views must refer to the host copies the modules now point at
-            self._blocks[name] = [_Weights(b) for b in _block_modules(components[name])]
-        self.backend.empty_cache()
+        self._release_all()
         self.option = option
         log.warning("out of memory: continuing with the %r memory plan", option.mode)
         return option.mode
 
     def recast(self, component: str, module: nn.Module, dtype: torch.dtype) -> None:
-        """Convert the component's host copy to `dtype`; the next phase entry uploads the converted weights."""
-        self._drop(component)
+        """Convert a component to `dtype` (NaN fallback) and re-plan: the weights changed size, so the plan that fit
+        before may not. The next phase entry uploads what the new plan wants on the device."""
+        self._release_all()
         part = self._parts[component]
         part.bring_home(lambda t: self._to_host(t.to(dtype)) if t.is_floating_point() else t)
         part.drop()  # point the module at the converted host copies
         part.nbytes = sum(s.nbytes for s in part.slots if s.counted)
         if component in STREAMABLE:
             self._blocks[component] = [_Weights(b) for b in _block_modules(module)]
+        sizes = self.plan.sizes
+        sizes = replace(
+            sizes,
+            weights={**sizes.weights, component: part.nbytes},
+            itemsize={**sizes.itemsize, component: torch.empty((), dtype=dtype).element_size()},
+            blocks={**sizes.blocks, **({component: tuple(b.nbytes for b in self._blocks[component])} if component in STREAMABLE else {})},
+        )
+        plan = make_plan(sizes, self.plan.shape, self.plan.budget, steps=self.plan.steps, search_largest=False)
+        lower = [o for o in plan.options if MODES.index(o.mode) >= MODES.index(self.option.mode)]
+        self.plan, self.option = plan, next((o for o in lower if o.fits), plan.option("sequential"))
+        log.warning("%s now runs in %s: continuing with the %r memory plan", component, dtype, self.option.mode)
+
+    def _release_all(self) -> None:
+        """Take every component off the device; weights whose only copy is there (resident plan) go home first."""
+        for name in COMPONENTS:
+            part = self._parts[name]
+            if any(s.host.device != self.host_device for s in part.slots):
+                part.bring_home(self._to_host)
+            self._drop(name)
+        for name in STREAMABLE:  # block views must refer to the host copies the modules now point at
+            self._blocks[name] = [_Weights(b) for b in _block_modules(self._parts[name].module)]
+        self.backend.empty_cache()
 
     # --- internals -------------------------------------------------------------------------------------------
     def _adopt(self, components: dict[str, nn.Module]) -> None:

@@ -189,9 +189,11 @@ def _apply_weights(hidden: torch.Tensor, empty: torch.Tensor, weights: torch.Ten
 def match_sequence_lengths(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Give two ``(B, L, D)`` conditionings the same ``L`` so that they can share a CFG batch, as ComfyUI does.
 
-    Each is repeated along the sequence up to ``lcm(La, Lb)`` (for pure cross-attention repeating keys/values does
-    not change the result). Returns ``None`` when that needs more than 4 repeats of the shorter one: then run
-    cond and uncond in separate passes, as ComfyUI does.
+    Each is repeated along the sequence up to ``lcm(La, Lb)``. For pure cross-attention repeating keys/values would
+    not change the result, but Stable Cascade's attention puts image and text tokens in one softmax, so repeated
+    text tokens gain weight: the result then depends slightly on the other prompt's length, exactly as in ComfyUI.
+    Returns ``None`` when that needs more than 4 repeats of the shorter one: then run cond and uncond in separate
+    passes, as ComfyUI does.
     """
     if a.ndim != 3 or b.ndim != 3 or a.shape[2] != b.shape[2]:
         raise ValueError(f"expected (B, L, D) tensors with equal D, got {tuple(a.shape)} and {tuple(b.shape)}")

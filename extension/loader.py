@@ -20,7 +20,7 @@ from cascade.errors import CascadeError, MissingComponentError, WrongStageError
 
 from . import descriptors, library, logs
 from .errors import CascadeHostError, host_error
-from .offload import SdnextOffload, is_managed, planned_placement
+from .offload import SdnextOffload, planned_placement
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,6 @@ def build_pipeline(name: str, prior: Path, decoder: Path):
         log.info("Stable Cascade %s: %s", name, note)
     host = SdnextHost(decoder_name=decoder.name, offload_mode=mode)
     pipe = StableCascadeSingleFilePipeline.from_engine(engine, host=host)
-    pipe.placement_owns_devices = is_managed(placement)
     log.info("Stable Cascade: loaded %r (prior %s, decoder %s) on %s, dtypes %s, memory %s", name, prior.name,
              decoder.name, backend.device, {k: str(v).removeprefix("torch.") for k, v in report.dtypes.items()},
              getattr(placement, "name", "?"))

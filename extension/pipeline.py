@@ -189,9 +189,15 @@ class StableCascadeSingleFilePipeline(StableCascadeCombinedPipeline):
         e.stage_a = self.vqgan
         return e
 
-    # True when the engine's memory executor decides what is on the device (SD.Next offload mode `none`):
-    # then whole-pipeline moves are ignored, because they would undo the plan (stage/stream modes).
-    placement_owns_devices: bool = False
+    @property
+    def placement_owns_devices(self) -> bool:
+        """True while the engine's memory executor decides what is on the device (SD.Next offload mode `none`, a
+        non-resident plan): then whole-pipeline moves are ignored, because they would undo the plan. Read live, so
+        an out-of-memory fallback from `resident` to `stage` takes over from SD.Next's moves at once."""
+        from .offload import is_managed
+
+        engine = getattr(self, "_engine", None)
+        return engine is not None and is_managed(engine.placement)
 
     @property
     def device(self) -> torch.device:

@@ -187,6 +187,8 @@ def test_incompatible_stages(tmp_path, tiny_models, tiny_pair, monkeypatch):
         ({"model.diffusion_model.input_blocks.0.0.weight": (4,), "cond_stage_model.model.x": (1,)}, "Stable Diffusion 2"),
         ({"lora_unet_down_blocks_0.lora_up.weight": (4,)}, "LoRA"),
         ({"double_blocks.0.img_attn.qkv.weight": (4,)}, "FLUX"),
+        ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4,),
+          "text_encoders.clip_g.transformer.text_model.embeddings.token_embedding.weight": (4,)}, "Stable Diffusion 3"),
         ({"first_stage_model.encoder.conv_in.weight": (4,)}, "VAE"),
         ({"random.tensor": (4,)}, "not a recognised model"),
     ],

@@ -186,9 +186,14 @@ def test_unavailable_model_raises_its_load_error():
         pipe(prompt="x")
 
 
-def test_placement_owned_devices_ignore_whole_pipeline_moves(tiny_pipeline):
+def test_placement_owned_devices_ignore_whole_pipeline_moves(tiny_pipeline, monkeypatch):
+    class StagedPlan:  # what the executor looks like after a fallback from `resident` to `stage`
+        name = "stage"
+
     pipe = StableCascadeSingleFilePipeline.from_engine(tiny_pipeline)
-    pipe.placement_owns_devices = True
+    assert not pipe.placement_owns_devices  # a resident plan: SD.Next's whole-pipeline moves are honoured
+    monkeypatch.setattr(tiny_pipeline, "placement", StagedPlan())
+    assert pipe.placement_owns_devices  # read live: the fallback takes over at once
     assert pipe.to("meta") is pipe and pipe.device == tiny_pipeline.device
     assert next(tiny_pipeline.prior.parameters()).device.type == "cpu"
 

@@ -64,6 +64,19 @@ def test_parameters_created_on_meta_buffers_real():
     assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # the patch does not leak out of the block
 
 
+def test_parameters_on_meta_leaves_other_threads_alone():
+    import threading
+
+    built = {}
+    with parameters_on_meta():
+        worker = threading.Thread(target=lambda: built.setdefault("linear", torch.nn.Linear(2, 2)))
+        worker.start()
+        worker.join()
+        mine = torch.nn.Linear(2, 2)
+    assert mine.weight.device.type == "meta"
+    assert built["linear"].weight.device.type == "cpu"
+
+
 def test_loaded_text_encoder_runs(tiny_pair):
     sources = resolve_sources(*tiny_pair)
     te = load_part(sources.text_encoder, dtype=torch.float32)

@@ -330,3 +330,33 @@ def test_cli_plan_refuses_sizes_a_generation_refuses(capsys, width, message):
 
     assert main(["plan", "--vram", "4GiB", "--width", str(width), "--height", "1024"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_nan_fallback_recasts_and_replans(tiny_pair, monkeypatch):
+    """bf16 Stage C that yields NaN is re-run in fp32 under a staged plan; the plan is redone for fp32 weights."""
+    from backends import select_backend
+    from cascade.engine import load_pipeline
+    from cascade.loader import resolve_sources
+    from cascade.offload import Executor
+
+    import cascade.memory as memory
+
+    monkeypatch.setattr(memory, "default_model", lambda: ZERO)
+    sizes = ComponentSizes.from_sources(resolve_sources(*tiny_pair), {**default_dtypes("bf16"), "vqgan": torch.float32})
+    plan = make_plan(sizes, Shape(256, 256), 10**12, steps={"prior": 4, "decoder": 2}, mode="stage")
+    executor = Executor(plan, select_backend("cpu"))
+    pipe, _ = load_pipeline(*tiny_pair, backend=executor.backend, dtype=torch.bfloat16, placement=executor)
+
+    def poison_in_bf16(module, args, output):
+        if next(module.parameters()).dtype == torch.bfloat16:
+            return (torch.full_like(output[0], float("nan")),)
+        return output
+
+    handle = pipe.prior.register_forward_hook(poison_in_bf16)
+    try:
+        result = pipe.generate(GenerationRequest("a cat", width=256, height=256, seed=1, **FAST))
+    finally:
+        handle.remove()
+    assert torch.isfinite(result.images).all() and result.dtypes["prior"] == "float32"
+    assert executor.plan.sizes.weights["prior"] == 2 * sizes.weights["prior"]
+    assert executor.name == "stage" and executor.ledger.after_enter["prior"] == executor.option.phases["prior"].resident
