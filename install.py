@@ -2,7 +2,8 @@
 
 Standalone:   python install.py [--dev]
     Installs torch (only when no torch is importable: a vendor build you installed yourself is kept) and the
-    exact pins of requirements.txt into the running Python; --dev adds the test tools of requirements-dev.txt.
+    exact pins of requirements.txt into the running Python, with every transitive package held to the versions in
+    constraints.txt; --dev adds the test tools of requirements-dev.txt.
 Inside SD.Next (it runs `python install.py` with cwd = this folder and PYTHONPATH = the SD.Next root):
     installs only packages that are missing, with `launch.run_pip` and exact pins, and does nothing when
     everything is present — SD.Next's own torch/diffusers/transformers are never replaced.
@@ -61,9 +62,10 @@ def install_standalone(dev: bool) -> None:
     if importlib.util.find_spec("torch") is None:
         # A GPU user installs torch for their vendor first (see README); we only fill the gap.
         pip(TORCH_PIN)
-    pip("-r", str(ROOT / "requirements.txt"))
+    constraints = ("-c", str(ROOT / "constraints.txt"))  # transitive pins: a fresh clone resolves what was tested
+    pip("-r", str(ROOT / "requirements.txt"), *constraints)
     if dev:
-        pip("-r", str(ROOT / "requirements-dev.txt"))
+        pip("-r", str(ROOT / "requirements-dev.txt"), *constraints)
         pip("--no-deps", *DEV_NO_DEPS)
 
 
