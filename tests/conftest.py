@@ -65,3 +65,15 @@ def tiny_pipeline(tiny_pair):
 
     pipe, _ = load_pipeline(*tiny_pair, backend=select_backend("cpu"), dtype=torch.float32)
     return pipe
+
+
+@pytest.fixture
+def nan_when_bf16():
+    """A forward hook that turns a module's output into NaN while its weights are bf16 (drives the NaN guard)."""
+
+    def hook(module, args, output):
+        if next(module.parameters()).dtype == torch.bfloat16:
+            return (torch.full_like(output[0], float("nan")),)
+        return output
+
+    return hook

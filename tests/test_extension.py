@@ -199,7 +199,7 @@ def test_placement_owned_devices_ignore_whole_pipeline_moves(tiny_pipeline, monk
 
 
 
-def test_nan_retry_works_under_sdnext_offload(tiny_pair):
+def test_nan_retry_works_under_sdnext_offload(tiny_pair, nan_when_bf16):
     """With SD.Next's own offload modes the placement is SdnextOffload: the NaN guard's retry in a safer dtype must
     convert the weights through it (it lacked `recast`, so the retry died with an AttributeError)."""
     from backends import select_backend
@@ -210,12 +210,7 @@ def test_nan_retry_works_under_sdnext_offload(tiny_pair):
     engine, _ = load_pipeline(*tiny_pair, backend=select_backend("cpu"), dtype=torch.bfloat16,
                               placement=SdnextOffload("balanced", torch.device("cpu"), lambda: None))
 
-    def poison_in_bf16(module, args, output):
-        if next(module.parameters()).dtype == torch.bfloat16:
-            return (torch.full_like(output[0], float("nan")),)
-        return output
-
-    handle = engine.prior.register_forward_hook(poison_in_bf16)
+    handle = engine.prior.register_forward_hook(nan_when_bf16)
     try:
         result = engine.generate(GenerationRequest(
             "a cat", width=128, height=128, seed=1, prior=StageSettings(2, 4.0, "euler", "karras", 2.0),

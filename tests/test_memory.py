@@ -332,7 +332,7 @@ def test_cli_plan_refuses_sizes_a_generation_refuses(capsys, width, message):
     assert message in capsys.readouterr().err
 
 
-def test_nan_fallback_recasts_and_replans(tiny_pair, monkeypatch):
+def test_nan_fallback_recasts_and_replans(tiny_pair, monkeypatch, nan_when_bf16):
     """bf16 Stage C that yields NaN is re-run in fp32 under a staged plan; the plan is redone for fp32 weights."""
     from backends import select_backend
     from cascade.engine import load_pipeline
@@ -347,12 +347,7 @@ def test_nan_fallback_recasts_and_replans(tiny_pair, monkeypatch):
     executor = Executor(plan, select_backend("cpu"))
     pipe, _ = load_pipeline(*tiny_pair, backend=executor.backend, dtype=torch.bfloat16, placement=executor)
 
-    def poison_in_bf16(module, args, output):
-        if next(module.parameters()).dtype == torch.bfloat16:
-            return (torch.full_like(output[0], float("nan")),)
-        return output
-
-    handle = pipe.prior.register_forward_hook(poison_in_bf16)
+    handle = pipe.prior.register_forward_hook(nan_when_bf16)
     try:
         result = pipe.generate(GenerationRequest("a cat", width=256, height=256, seed=1, **FAST))
     finally:
