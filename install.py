@@ -1,6 +1,6 @@
 """Set-up step, in two contexts (one file, as SD.Next requires).
 
-Standalone:   python install.py [--dev]
+Standalone:   python install.py [--dev] [--serve]
     Installs torch (only when no torch is importable: a vendor build you installed yourself is kept) and the
     exact pins of requirements.txt into the running Python, with every transitive package held to the versions in
     constraints.txt; --dev adds the test tools of requirements-dev.txt.
@@ -55,7 +55,7 @@ def pip(*args: str) -> None:
     subprocess.check_call(cmd)
 
 
-def install_standalone(dev: bool) -> None:
+def install_standalone(dev: bool, serve: bool = False) -> None:
     if sys.version_info < MIN_PYTHON:
         sys.exit(f"Python {'.'.join(map(str, MIN_PYTHON))} or newer is needed (this is {sys.version.split()[0]}): "
                  "the pinned diffusers, transformers, numpy, scipy and pillow releases need it.")
@@ -67,6 +67,8 @@ def install_standalone(dev: bool) -> None:
     if dev:
         pip("-r", str(ROOT / "requirements-dev.txt"), *constraints)
         pip("--no-deps", *DEV_NO_DEPS)
+    if serve:  # the optional HTTP server / Ray Serve / batch packages (serving/); never needed by the engine
+        pip("-r", str(ROOT / "requirements-serve.txt"), *constraints)
 
 
 def install_in_sdnext() -> None:
@@ -82,7 +84,7 @@ def main(argv: list[str]) -> int:
     if inside_sdnext():
         install_in_sdnext()
     else:
-        install_standalone(dev="--dev" in argv)
+        install_standalone(dev="--dev" in argv, serve="--serve" in argv)
     return 0
 
 

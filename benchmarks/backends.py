@@ -12,9 +12,9 @@ What is compared
       * CFG 1.0 -> the unconditional pass is skipped: one UNet call at batch 1 (the pipeline's Stage B default);
       * CFG 1.2 -> cond and uncond batched: one UNet call at batch 2.
     Two ways to run the same module on the same inputs:
-      (eager) torch fp32 (bf16 eager only where the CPU has native bf16 per `backends`; else stated and skipped,
+      (eager) torch fp32 (bf16 eager only where the CPU has native bf16 per `cascade_backends`; else stated and skipped,
               `--bf16` forces it for curiosity);
-      (ov)    `backends.openvino.compile_module(method="convert", device="CPU")` at OpenVINO's default precision
+      (ov)    `cascade_backends.openvino.compile_module(method="convert", device="CPU")` at OpenVINO's default precision
               on this CPU (read back from the compiled model and reported), IR + blob cache in a temp folder.
     Reported: first-call time with an empty cache (trace + convert + compile + first inference), the first-call
     time of a fresh process that loads the same IR + blob from the cache, steady-state medians, the speed ratio
@@ -195,7 +195,7 @@ def _compile_static(ovm, tensors: list, config: dict):
     """Read the IR that compile_module saved for this signature, fix its input shapes, compile again."""
     import openvino as ov
 
-    from backends.openvino import core
+    from cascade_backends.openvino import core
 
     sig = next(iter(ovm._compiled))
     xml = ovm.cache_dir / "ir" / f"{ovm._key(sig)}.xml"
@@ -209,7 +209,7 @@ def _compile_static(ovm, tensors: list, config: dict):
 
 def _ov_profile(ovm, tensors: list, config: dict) -> dict:
     """Per-node-type time of one inference (PERF_COUNT), with the kernels OpenVINO chose."""
-    from backends.openvino import core
+    from cascade_backends.openvino import core
 
     sig = next(iter(ovm._compiled))
     xml = ovm.cache_dir / "ir" / f"{ovm._key(sig)}.xml"
@@ -256,7 +256,7 @@ def _settle_ov_config(setting: dict, cores: int) -> dict:
 def worker_measure(args) -> dict:
     import torch
 
-    from backends.openvino import compile_module
+    from cascade_backends.openvino import compile_module
     from cascade.pipeline import cfg_denoiser
 
     setting = SETTINGS[args.setting]
@@ -391,7 +391,7 @@ def worker_cached(args) -> dict:
     """A fresh process: same weights, same cache folder -> the IR is read and the blob imported, no tracing."""
     import torch
 
-    from backends.openvino import compile_module
+    from cascade_backends.openvino import compile_module
     from cascade.pipeline import cfg_denoiser
 
     setting = SETTINGS[args.setting]
@@ -445,9 +445,9 @@ def environment(args) -> dict:
     import openvino as ov
     import torch
 
-    from backends import select_backend
-    from backends.capabilities import cpu_features
-    from backends.openvino import core
+    from cascade_backends import select_backend
+    from cascade_backends.capabilities import cpu_features
+    from cascade_backends.openvino import core
 
     cpu = select_backend("cpu")
     feats = cpu_features(torch)
@@ -552,7 +552,7 @@ def explain(result: dict) -> str:
         first = settings[next(iter(settings))]["batches"]["1.0"].get("static_shapes", {})
         lines.append(f"Dynamic shapes: convert_model leaves every input dimension dynamic "
                      f"({first.get('ir_inputs_as_converted')}); the same IR compiled with static shapes is {med:.2f}x "
-                     f"faster here ({'small' if med < 1.15 else 'worth fixing in backends.openvino'}; it matters "
+                     f"faster here ({'small' if med < 1.15 else 'worth fixing in cascade_backends.openvino'}; it matters "
                      "more for small latents, where per-call shape inference is a larger share).")
     if "tuned" in settings and "single" in settings:
         t, o = settings["tuned"]["batches"]["1.0"]["median_s"], settings["single"]["batches"]["1.0"]["median_s"]
@@ -661,7 +661,7 @@ def main() -> None:
                         "config": mid_decoder_config(), "overrides_of_DECODER": MID_DECODER_OVERRIDES,
                         **model_facts(args.size)},
               "eager_bf16": ("measured (--bf16)" if args.bf16 else
-                             "not measured: no native bf16 on this CPU (backends.capabilities: "
+                             "not measured: no native bf16 on this CPU (cascade_backends.capabilities: "
                              + "; ".join(env["native_bf16_notes"]) + ")") if not env["native_bf16"] else "see times",
               "settings_definition": SETTINGS, "settings": {}, "cached": {}}
     try:

@@ -5,7 +5,7 @@ What is compared
     Full-size Stage C (big prior, 3.6 B parameters) + Stage B (big decoder, 1.56 B) + CLIP-G (0.69 B) + Stage A, with
     random weights, written once as ComfyUI all-in-one files in bf16 (`benchmarks/_fullsize.py`: header first, then
     tensor by tensor; ~11.7 GB in --workdir, reused), loaded with `cascade.engine.load_pipeline(..., dtype=bf16,
-    placement=Executor(plan, backend))` where `plan = cascade.memory.make_plan(ComponentSizes.from_sources(...),
+    placement=Executor(plan, backend))` where `plan = cascade.memory.make_plan(sizes_from_sources(...),
     Shape(w, h), cap, mode=...)`, and run with `generate()` (prior 30 steps CFG 7, decoder 10 steps CFG 1) at
     1024x1536 and 2048x1152. The process is capped with `torch.cuda.set_per_process_memory_fraction(cap / total)`:
       16 GiB, mode `resident`   everything on the device;
@@ -311,7 +311,7 @@ def run_case(files, sources, sizes, backend, cap_label: str, cap: int, mode: str
     runs, warnings, pipe = [], [], None
     try:
         t0 = time.perf_counter()
-        pipe, report = load_pipeline(*files, backend=backend, dtype=torch.bfloat16, placement=placement, sources=sources)
+        pipe, report = load_pipeline(*files, backend=backend, dtype=torch.bfloat16, placement=placement)
         case["load_s"] = round(time.perf_counter() - t0, 2)
         case["dtypes"] = {k: str(v).removeprefix("torch.") for k, v in report.dtypes.items()}
         for i in range(1 + args.reps):  # the first is the warm-up: its peaks count, its time does not
@@ -532,7 +532,7 @@ def print_report(result: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 def cuda_like_backend():
     """A stand-in CUDA backend with native bf16 (plain data: nothing is probed), for the dtype policy only."""
-    from backends.base import Backend, Capabilities
+    from cascade_backends import Backend, Capabilities
 
     return Backend("cuda", torch.device("cuda", 0), "stand-in CUDA device with native bf16 (no GPU used)",
                    Capabilities(bf16=True, fp16=True, fp64=True))
@@ -543,7 +543,8 @@ def check_layout(args) -> int:
     them, and (with --load) every part loaded on the CPU through the real loader."""
     from cascade.engine import choose_dtypes
     from cascade.loader import load_part, resolve_sources
-    from cascade.memory import ComponentSizes, format_plan, make_plan, parse_size
+    from cascade.memory import format_plan, make_plan, parse_size
+    from cascade.sizing import full_size, sizes_from_sources
 
     from benchmarks._fullsize import ensure_comfyui_pair
 
@@ -551,8 +552,8 @@ def check_layout(args) -> int:
     files = ensure_comfyui_pair(args.workdir / "sparse", **model_configs(False), name="fullsize", sparse=True, log=log)
     sources = resolve_sources(*files)
     dtypes = choose_dtypes(cuda_like_backend(), torch.bfloat16)
-    sizes = ComponentSizes.from_sources(sources, dtypes)
-    reference = ComponentSizes.full_size(dtypes)
+    sizes = sizes_from_sources(sources, dtypes)
+    reference = full_size(dtypes)
     out = {"files": [str(f) for f in files], "variants": {k: v.variant for k, v in sources.parts().items()},
            "dtypes": {k: str(v).removeprefix("torch.") for k, v in dtypes.items()},
            "weights_bytes": sizes.weights, "checks": {}, "plans": []}
@@ -622,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             "the same code on the CPU with the tiny model.")
         return 2
 
-    from backends import select_backend
+    from cascade_backends import select_backend
     from cascade.engine import choose_dtypes
     from cascade.loader import resolve_sources
     from cascade.memory import ComponentSizes, parse_size
@@ -645,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
                                 device="cuda" if (not args.dry_run and torch.cuda.is_available()) else "cpu", log=log)
     sources = resolve_sources(*files)
     dtypes = choose_dtypes(backend, torch.bfloat16)
-    sizes = ComponentSizes.from_sources(sources, dtypes)
+    sizes = sizes_from_sources(sources, dtypes)
     steps = {"prior": args.prior_steps, "decoder": args.decoder_steps}
     size_list = parse_sizes(args.sizes)
     cases = parse_cases(args.cases)

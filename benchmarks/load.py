@@ -155,7 +155,7 @@ def _instrument_loader(phases: dict[str, float]):
 
     loader.instantiate = timed("instantiate (meta model)", loader.instantiate)
     loader._read_state = timed("read + convert (_read_state)", loader._read_state)
-    tensorfile.TensorReader._drop_pages = timed("  of which madvise(DONTNEED)", tensorfile.TensorReader._drop_pages)
+    tensorfile.TensorReader._read_into = timed("  of which file reads (preadv)", tensorfile.TensorReader._read_into)
     torch.nn.Module.load_state_dict = timed("load_state_dict(assign)", torch.nn.Module.load_state_dict)
 
 

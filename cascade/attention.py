@@ -1,8 +1,9 @@
 """A diffusers attention processor that never builds an attention score tensor larger than the device allows.
 
-Intel Arc Alchemist cannot allocate more than 4 GiB in one piece (backends.policy turns that into a score budget);
-`backends.attention.scaled_dot_product_attention` splits over batch, heads and queries to stay under it and is
-plain SDPA when no split is needed. The processor is installed on the UNets only when the backend has such a limit.
+Intel Arc Alchemist cannot allocate more than 4 GiB in one piece (cascade_backends.attention turns that into a
+score budget); `cascade_backends.attention.scaled_dot_product_attention` splits over batch, heads and queries to stay
+under it and is plain SDPA when no split is needed. The processor is installed on the UNets only when the backend has
+such a limit.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class ChunkedSDPAProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
-        from backends.attention import scaled_dot_product_attention
+        from cascade_backends.attention import scaled_dot_product_attention
 
         residual = hidden_states
         image_like = hidden_states.ndim == 4

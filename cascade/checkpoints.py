@@ -15,16 +15,15 @@ Our own tiny test models have other widths; they carry their config in the safet
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
 
 from . import configs
-from .errors import CheckpointError, MissingComponentError, NotStableCascadeError
-from .tensorfile import SafetensorsHeader, read_header, refuse_pickle
+from .errors import CheckpointError, CorruptFileError, HeaderError, MissingComponentError, NotStableCascadeError
+from .tensorfile import SafetensorsHeader, parse_strict_json, printable, read_header, refuse_pickle
 
 PRIOR, DECODER, TEXT_ENCODER, STAGE_A = "prior", "decoder", "text_encoder", "stage_a"
 EFFNET, PREVIEWER, CLIP_VISION = "effnet", "previewer", "clip_vision"
@@ -136,29 +135,49 @@ def _unet_stage(header: SafetensorsHeader, prefix: str) -> str | None:
     return None
 
 
-def _metadata_config(header: SafetensorsHeader, kind: str) -> dict[str, Any] | None:
-    raw = header.metadata.get(METADATA_CONFIG + kind)
-    return json.loads(raw) if raw else None
+def metadata_config(header: SafetensorsHeader, kind: str,
+                    problem: Callable[[Any], str | None] | None = None) -> dict[str, Any] | None:
+    """The config a file embeds in its metadata for part `kind` (our tiny test files do), or None; validated like
+    any input, since it decides what gets built: strict JSON, then `problem(config)` (default: the checks of
+    `cascade.configs.config_problem`). Any fault raises HeaderError naming the metadata key."""
+    key = METADATA_CONFIG + kind
+    raw = header.metadata.get(key)
+    if not raw:
+        return None
+    where = f"{printable(header.path.name)}: the config in its metadata ({key})"
+    advice = "The file was not written by this engine or was edited; remove that metadata entry or rebuild the file."
+    try:
+        config = parse_strict_json(raw)
+    except (ValueError, RecursionError) as err:
+        pos = getattr(err, "pos", None)
+        reason = "is nested too deeply" if isinstance(err, RecursionError) else f"is not valid JSON ({getattr(err, 'msg', err)})"
+        at = f" at character {pos}" if pos is not None else ""
+        raise HeaderError(f"{where} {reason}{at}. {advice}", field=key) from None
+    reason = problem(config) if problem is not None else configs.config_problem(kind, config, strict=True)
+    if reason:
+        raise HeaderError(f"{where} is unusable: {reason}. {advice}", field=key)
+    return config
 
 
 def _known_or_custom(part: Part, known: str | None, config: dict[str, Any] | None, problem: str) -> tuple[str, dict[str, Any]]:
     """A known variant's repo config; else the config our tiny test files carry in their metadata; else an error."""
     if known is not None:
         return known, config
-    custom = _metadata_config(part.headers[0], part.kind)
+    custom = metadata_config(part.headers[0], part.kind)
     if custom is not None:
         return "custom", custom
-    raise NotStableCascadeError(f"{part.headers[0].path.name}: {problem}")
+    raise NotStableCascadeError(f"{printable(part.headers[0].path.name)}: {problem}")
 
 
 def _unet_variant(part: Part) -> tuple[str, dict[str, Any]]:
     if part.kind == PRIOR:
-        rows = part.info(part.prefix + "clip_txt_mapper.weight").shape[0]
+        shape = part.info(part.prefix + "clip_txt_mapper.weight").shape
+        rows = shape[0] if shape else None
         known = {2048: "big", 1536: "lite"}.get(rows)
         what = f"clip_txt_mapper.weight has {rows} rows (2048 = big, 1536 = lite)"
     else:
         key = part.prefix + "down_blocks.1.0.channelwise.0.weight"
-        width = part.info(key).shape[-1] if key in part.key_header else None
+        width = part.info(key).shape[-1] if key in part.key_header and part.info(key).shape else None
         known = {640: "big", 576: "lite"}.get(width)
         what = f"down_blocks.1.0.channelwise.0.weight is {width} wide (640 = big, 576 = lite)"
     return _known_or_custom(
@@ -237,6 +256,8 @@ def _split_header(header: SafetensorsHeader) -> tuple[list[Part], list[str]]:
             claim(EFFNET, "stability", "", bare)
         elif all(k.startswith("blocks.") for k in bare):
             claim(PREVIEWER, "stability", "", bare)
+        elif "vision_model.embeddings.class_embedding" in keyset and "visual_projection.weight" in keyset:
+            claim(CLIP_VISION, "hf", "", [k for k in bare if k.startswith(("vision_model.", "visual_projection."))])
     unknown = [k for k in keys if k not in claimed]
     return parts, unknown
 
@@ -312,7 +333,7 @@ def checkpoint_from_header(header: SafetensorsHeader) -> Checkpoint:
     foreign_unet = PRIOR not in parts and DECODER not in parts and any(k.startswith(_COMFY_UNET) for k in unknown)
     if role is None or foreign_unet:  # e.g. SD3 all-in-one files also carry `text_encoders.clip_g.`
         raise NotStableCascadeError(
-            f"{path.name} is not a Stable Cascade file: it looks like {looks_like(set(header.keys()))}. "
+            f"{printable(path.name)} is not a Stable Cascade file: it looks like {looks_like(set(header.keys()))}. "
             "Stable Cascade needs a Stage C ('main'/prior) file and a Stage B ('decoder') file."
         )
     _resolve_variants(parts)
@@ -330,25 +351,101 @@ _FOLDER_PARTS = {  # subfolder -> part kind
 _WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 
 
+MAX_JSON_FILE = 16 * 1024 * 1024  # index and config files of real diffusers folders are a few hundred KB
+
+
+def _json_file(path: Path) -> Any:
+    """A JSON file of a diffusers folder (shard index, config), parsed strictly and size-bounded."""
+    label = f"{printable(path.parent.name)}/{printable(path.name)}"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_FILE + 1)
+    except OSError as err:
+        raise CheckpointError(f"{label}: cannot be read ({err.strerror or err}). Check its permissions.") from None
+    if len(raw) > MAX_JSON_FILE:
+        raise CorruptFileError(f"{label}: over {MAX_JSON_FILE >> 20} MiB, far larger than any diffusers index or config "
+                               "file; the folder is damaged. Download it again.")
+    try:
+        return parse_strict_json(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        reason = f"invalid UTF-8 at byte {err.start}"
+    except RecursionError:
+        reason = "JSON nested too deeply"
+    except ValueError as err:
+        pos = getattr(err, "pos", None)
+        reason = f"invalid JSON ({getattr(err, 'msg', err)}" + (f" at character {pos})" if pos is not None else ")")
+    raise CorruptFileError(f"{label}: {reason}. The folder is damaged; download it again.")
+
+
+def _within(path: Path, folder: Path | None) -> bool:
+    return folder is not None and (path == folder or folder in path.parents)
+
+
+def _hf_blobs(real_folder: Path) -> Path | None:
+    """The blob store of a Hugging Face cache snapshot holding `real_folder`: its files are symlinks into
+    `<repo>/blobs/` (models--org--name/snapshots/<rev>/...), which is where SD.Next keeps diffusers folders."""
+    parts = real_folder.parts
+    if "snapshots" not in parts:
+        return None
+    at = len(parts) - 1 - parts[::-1].index("snapshots")
+    return Path(*parts[:at]) / "blobs" if at > 0 else None
+
+
+def _shard_path(folder: Path, index: Path, name: Any) -> Path:
+    """The shard `name` of a shard index, refused unless it stays inside `folder`: no absolute path, no `..`, no
+    symbolic link leading elsewhere (except a Hugging Face cache snapshot's links into its own blob store)."""
+    label = f"{printable(folder.name)}/{printable(index.name)}"
+
+    def refuse(why: str) -> CorruptFileError:
+        return CorruptFileError(f"{label}: the shard {printable(repr(name), 120)} {why}; shards must be files inside "
+                                f"{printable(str(folder), 300)}. The index is damaged or hostile; download the folder again.")
+
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise refuse("is not a file name")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or "\\" in name or name[1:2] == ":" or ".." in pure.parts:
+        raise refuse("is outside the folder")
+    path = folder.joinpath(*pure.parts)
+    real_folder = folder.resolve()
+    target = path.resolve()
+    if not (_within(target, real_folder) or _within(target, _hf_blobs(real_folder))):
+        raise refuse("leads outside the folder through a symbolic link")
+    if not path.is_file():
+        raise MissingComponentError(f"{label}: the shard {printable(name, 120)} is missing from "
+                                    f"{printable(str(folder), 300)}. Download the missing file.")
+    return path
+
+
+def _index_shards(folder: Path, index: Path) -> list[Path]:
+    data = _json_file(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CorruptFileError(f"{printable(folder.name)}/{printable(index.name)}: not a shard index (expected "
+                               '{"weight_map": {"<tensor>": "<shard file>"}}). Download the folder again.')
+    odd = next((n for n in weight_map.values() if not isinstance(n, str)), None)
+    if odd is not None:
+        _shard_path(folder, index, odd)  # raises: not a file name
+    return [_shard_path(folder, index, n) for n in sorted(set(weight_map.values()))]
+
+
 def _component_files(folder: Path) -> list[Path]:
     """The safetensors weights of one diffusers component folder: plain, a variant (bf16/fp16), or shards."""
     for stem in _WEIGHT_NAMES:
         index = folder / f"{stem}.safetensors.index.json"
         if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [folder / n for n in names]
+            return _index_shards(folder, index)
         for variant in ("", ".bf16", ".fp16"):
             f = folder / f"{stem}{variant}.safetensors"
             if f.is_file():
                 return [f]
             idx = folder / f"{stem}.safetensors.index{variant}.json"
             if idx.is_file():
-                names = sorted(set(json.loads(idx.read_text())["weight_map"].values()))
-                return [folder / n for n in names]
+                return _index_shards(folder, idx)
     pickles = [p for p in folder.iterdir() if p.suffix in (".bin", ".ckpt", ".pt", ".pth")]
     if pickles:
         refuse_pickle(pickles[0])
-    raise MissingComponentError(f"{folder}: no .safetensors weights found in this diffusers component folder.")
+    raise MissingComponentError(f"{printable(str(folder), 300)}: no .safetensors weights found in this diffusers "
+                                "component folder.")
 
 
 def _scan_component_folder(folder: Path, kind: str) -> Part:
@@ -363,7 +460,12 @@ def _scan_component_folder(folder: Path, kind: str) -> Part:
     part = Part(kind, layout, "", keys, headers, key_header)
     config_file = folder / "config.json"
     if config_file.is_file():
-        config = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_")}
+        raw = _json_file(config_file)
+        config = {k: v for k, v in raw.items() if not k.startswith("_")} if isinstance(raw, dict) else raw
+        problem = configs.config_problem(kind, config, strict=False)
+        if problem:
+            raise CorruptFileError(f"{printable(folder.name)}/config.json: not a usable {PART_TITLES[kind]} config: "
+                                   f"{problem}. The folder is damaged; download it again.")
         part.variant, part.config = "folder", config
     return part
 
@@ -382,7 +484,7 @@ def scan_folder(path: Path) -> Checkpoint:
     role = _role(parts)
     if role is None:
         raise NotStableCascadeError(
-            f"{path}: not a Stable Cascade diffusers folder (expected subfolders prior/ or decoder/, text_encoder/, "
+            f"{printable(str(path), 300)}: not a Stable Cascade diffusers folder (expected subfolders prior/ or decoder/, text_encoder/, "
             "vqgan/ with model_index.json)."
         )
     for kind in (PRIOR, DECODER):
@@ -421,7 +523,7 @@ def require(checkpoint: Checkpoint, role: str, flag: str) -> None:
     if checkpoint.role == "stage_c" and role == "stage_b":
         hint += " The Stage B file is the one SoteDiffusion calls 'Decoder' (Stage B UNet + Stage A)."
     raise WrongStageError(
-        f"{checkpoint.path.name} is a {checkpoint.title}, but {flag} needs a {ROLE_TITLES[role]}.{hint}"
+        f"{printable(checkpoint.path.name)} is a {checkpoint.title}, but {flag} needs a {ROLE_TITLES[role]}.{hint}"
     )
 
 
@@ -454,6 +556,8 @@ __all__ = [
     "Part",
     "describe",
     "looks_like",
+    "metadata_config",
+    "printable",
     "require",
     "scan",
     "side_text_encoder_files",

@@ -1,7 +1,9 @@
-"""`python -m cascade ...`: generate, inspect, backends, plan, tags.
+"""`python -m cascade ...` (or `stable-cascade ...`): generate, inspect, backends, plan, tags, serve, batch.
 
-Flags mirror the model card's parameters. Errors the user can fix are printed as one clear message with exit
-code 2; nothing is written unless the whole image is ready (PNG writes are atomic).
+What a person meets: every mistake is one line on stderr and exit code 2 (an unknown name lists the valid ones),
+never a traceback (`-v` shows one for a bug); `--help` shows defaults; a broken pipe is quiet; Ctrl-C or SIGTERM
+writes nothing half-done (exit 130 / 143). Flags mirror the model card's parameters; their names are the request's
+flat field names (`cascade.request.build_request`), so the CLI, SD.Next and the server accept the same values.
 """
 
 from __future__ import annotations
@@ -9,122 +11,181 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
+from typing import NoReturn
 
 from .errors import CascadeError
 
-_TINY_NOTICE = (
-    "No --prior/--decoder given: using the embedded TINY model with RANDOM weights (for testing the pipeline; "
-    "the image is noise-like). Pass --prior MAIN.safetensors --decoder DECODER.safetensors for real images."
-)
+PROG = "python -m cascade"
+OFFLOAD_CHOICES = ("auto", "resident", "stage", "stream", "sequential")  # cascade.memory.MODES + auto
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+DEVICE_HELP = "auto, cpu, cuda[:N], rocm, xpu, mps, openvino[:DEVICE]"
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1000
-    return f"{n:.1f} GB"
+class UsageError(CascadeError):
+    """A bad command line (argparse's complaint), shown as one line."""
 
 
-def _add_generate(sub) -> None:
-    from .request import default_decoder, default_prior
+class Terminated(BaseException):
+    """SIGTERM: stop like Ctrl-C (nothing half-written), exit 143."""
 
-    p, d = default_prior(), default_decoder()
-    g = sub.add_parser("generate", help="text to image", description="Generate images with Stable Cascade.")
-    g.add_argument("prompt")
-    g.add_argument("--negative", "--negative-prompt", dest="negative", default="")
-    g.add_argument("--out", default="out.png", help="output PNG (batch: <stem>-<seed>.png)")
-    g.add_argument("--prior", help="Stage C file or diffusers folder (the 'main' file)")
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage + exiting, so every bad argument is one line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=34, width=118)
+
+
+def _sub(sub, name: str, **kw) -> argparse.ArgumentParser:
+    return sub.add_parser(name, formatter_class=_formatter, **kw)
+
+
+def _names(table: dict) -> str:
+    return ", ".join(title for title, _ in table.values())
+
+
+def _add_model_files(g: argparse.ArgumentParser) -> None:
+    g.add_argument("--prior", help="Stage C file or diffusers folder (the 'main' file); none = the tiny test model")
     g.add_argument("--decoder", help="Stage B file or diffusers folder (the 'decoder' file)")
     g.add_argument("--text-encoder", help="CLIP-G file when the prior file has none")
     g.add_argument("--stage-a", help="Stage A file when the decoder file has none")
-    g.add_argument("--width", type=int, default=1024)
-    g.add_argument("--height", type=int, default=1024)
-    g.add_argument("--seed", type=int, default=-1, help="-1 = random; image i of a batch uses seed + i")
-    g.add_argument("--batch", type=int, default=1, help="images per prompt")
-    g.add_argument("--steps", "--prior-steps", dest="prior_steps", type=int, default=p.steps)
-    g.add_argument("--cfg", "--prior-cfg", dest="prior_cfg", type=float, default=p.cfg)
-    g.add_argument("--prior-sampler", default=p.sampler)
-    g.add_argument("--prior-scheduler", default=p.scheduler)
-    g.add_argument("--prior-shift", type=float, default=p.shift)
-    g.add_argument("--decoder-steps", type=int, default=d.steps)
-    g.add_argument("--decoder-cfg", type=float, default=d.cfg)
-    g.add_argument("--decoder-sampler", default=d.sampler)
-    g.add_argument("--decoder-scheduler", default=d.scheduler)
-    g.add_argument("--decoder-shift", type=float, default=d.shift)
-    g.add_argument("--denoise", type=float, default=1.0, help="prior denoise strength (<1 for image-to-image)")
-    g.add_argument("--compression", type=float, default=42.0, help="Stage C compression (model card: 42, 32-64)")
-    g.add_argument("--stage-a-scale", type=float, default=0.43, help="0.43 (original, ComfyUI) or 0.3764 (diffusers)")
-    g.add_argument("--cfg-rescale", type=float, default=0.0, help="original code's CFG rescale (0.7 there); 0 = off")
-    g.add_argument("--preset", default="auto", help="prompt preset: auto (by checkpoint), none, or a preset name")
-    g.add_argument("--device", default=None, help="auto, cpu, cuda[:N], rocm, xpu, mps, openvino[:DEVICE]")
-    g.add_argument("--dtype", default="auto", help="UNet dtype: auto, bf16, fp16, fp32 (Stage C never fp16 unless asked)")
-    g.add_argument("--offload", default="auto", help="memory plan: auto, resident, stage, stream, sequential")
+
+
+def _add_generate(sub) -> None:
+    from .names import SAMPLERS, SCHEDULERS
+    from .presets import PRESETS
+    from .request import MAX_SEED, default_decoder, default_prior
+
+    p, d = default_prior(), default_decoder()
+    g = _sub(sub, "generate", help="text (or image) to image", description="Generate images with Stable Cascade.")
+    g.add_argument("prompt")
+    g.add_argument("--negative", "--negative-prompt", dest="negative_prompt", default="")
+    g.add_argument("--out", default="out.png", help="output PNG (batch: <stem>-<seed>.png)")
+    _add_model_files(g)
+    g.add_argument("--width", type=int, default=1024, help="a multiple of 128")
+    g.add_argument("--height", type=int, default=1024, help="a multiple of 128")
+    g.add_argument("--seed", type=int, default=-1, help=f"-1 = random; 0..{MAX_SEED}; image i of a batch uses seed + i")
+    g.add_argument("--batch", dest="batch_size", type=int, default=1, help="images per prompt")
+    stage = g.add_argument_group("sampling", f"samplers: {_names(SAMPLERS)}, Default; schedulers: "
+                                             f"{_names(SCHEDULERS)}, Default (any spelling SD.Next or ComfyUI uses)")
+    stage.add_argument("--steps", "--prior-steps", dest="prior_steps", type=int, default=p.steps)
+    stage.add_argument("--cfg", "--prior-cfg", dest="prior_cfg", type=float, default=p.cfg)
+    stage.add_argument("--prior-sampler", default=p.sampler)
+    stage.add_argument("--prior-scheduler", default=p.scheduler)
+    stage.add_argument("--prior-shift", type=float, default=p.shift)
+    stage.add_argument("--decoder-steps", type=int, default=d.steps)
+    stage.add_argument("--decoder-cfg", type=float, default=d.cfg)
+    stage.add_argument("--decoder-sampler", default=d.sampler)
+    stage.add_argument("--decoder-scheduler", default=d.scheduler)
+    stage.add_argument("--decoder-shift", type=float, default=d.shift)
+    stage.add_argument("--decoder-seed", type=int, default=None, help="Stage B seed (ComfyUI's second KSampler); "
+                                                                       "default: the seed")
+    stage.add_argument("--compression", type=float, default=42.0, help="Stage C compression (model card: 42, 32-64)")
+    stage.add_argument("--stage-a-scale", type=float, default=0.43, help="0.43 (original, ComfyUI) or 0.3764 (diffusers)")
+    stage.add_argument("--cfg-rescale", type=float, default=0.0, help="original code's CFG rescale (0.7 there); 0 = off")
+    stage.add_argument("--noise", choices=("cpu", "comfyui"), default="cpu",
+                       help="cpu: seed + i per image, the same on every device; comfyui: ComfyUI's KSampler noise")
+    stage.add_argument("--preset", default="auto", choices=("auto", "none", *PRESETS),
+                       help="prompt preset: auto (by checkpoint name/metadata), none, or a preset")
+    images = g.add_argument_group("image inputs")
+    images.add_argument("--image", help="init image: Stage C starts from its encoding (img2img)")
+    images.add_argument("--denoise", dest="prior_denoise", type=float, default=1.0,
+                        help="img2img strength for --image (1 = ignore the image)")
+    images.add_argument("--decoder-image", help="Stage B starts from this image's Stage A encoding")
+    images.add_argument("--decoder-denoise", type=float, default=1.0, help="strength for --decoder-image")
+    images.add_argument("--image-prompt", dest="image_prompts", action="append", default=[],
+                        help="image prompt (image variations through CLIP vision); repeatable")
+    images.add_argument("--image-prompt-strength", type=float, default=1.0)
+    images.add_argument("--upscale", type=int, default=1, help="Stage B renders at this multiple of the size (1-4)")
+    images.add_argument("--stage-c-encoder", help="EfficientNet encoder file for --image when the main file has none")
+    images.add_argument("--clip-vision", help="CLIP-L vision file for --image-prompt when the main file has none")
+    images.add_argument("--previewer", help="Stage C previewer file for --preview when the main file has none")
+    images.add_argument("--preview", help="keep writing a live preview PNG of the first image here")
+    images.add_argument("--preview-every", type=int, default=4, help="steps between previews (with --preview)")
+    _add_device_args(g)
+    g.add_argument("--quiet", action="store_true", help="no progress lines or bars")
+
+
+def _add_device_args(g: argparse.ArgumentParser) -> None:
+    g.add_argument("--device", default=None, help=DEVICE_HELP + " (default: the best this machine has)")
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="UNet dtype (auto: the backend's; Stage C never fp16 unless asked)")
+    g.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES, help="memory plan")
     g.add_argument("--vram", default=None, help="memory budget for the plan, e.g. 16GiB (default: free device memory)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .run import generate_to_files
 
-    if bool(args.prior) != bool(args.decoder):
-        raise CascadeError("Give both --prior (Stage C 'main' file) and --decoder (Stage B file), or neither for the tiny model.")
-    if not args.prior:
-        print(_TINY_NOTICE, file=sys.stderr)
-    paths = generate_to_files(args)
-    for path in paths:
+    for path, seed in generate_to_files(args):
         print(path)
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .checkpoints import PART_TITLES, describe, scan
+    from .checkpoints import PART_TITLES, describe, printable, scan
+    from .run import human_bytes
 
-    status = 0
+    status, documents = 0, []
     for path in args.files:
         try:
             info = describe(scan(path))
         except CascadeError as err:
-            if args.json:
-                print(json.dumps({"path": str(path), "error": str(err)}))
-            else:
-                print(f"{path}: ERROR: {err}")
+            documents.append({"path": str(path), "error": str(err)})
+            if not args.json:
+                print(f"{printable(str(path))}: ERROR: {err}")
             status = 2
             continue
+        documents.append(info)
         if args.json:
-            print(json.dumps(info, indent=2))
             continue
-        print(f"{path}: {info['title']}")
+        print(f"{printable(str(path))}: {info['title']}")
         for kind, part in info["parts"].items():
             variant = part["variant"] or "-"
-            print(
-                f"  {PART_TITLES[kind]:<30} {part['layout']:<10} {variant:<8} {part['dtype']:<5} "
-                f"{part['tensors']:>5} tensors {part['parameters'] / 1e6:>9.1f} M params {_human_bytes(part['bytes']):>10}"
-            )
+            print(f"  {PART_TITLES[kind]:<30} {part['layout']:<10} {variant:<8} {part['dtype']:<5} "
+                  f"{part['tensors']:>5} tensors {part['parameters'] / 1e6:>9.1f} M params {human_bytes(part['bytes']):>10}")
         unknown = info["unknown_tensors"]
-        print(f"  unknown tensors: {len(unknown)}" + (f" (e.g. {', '.join(unknown[:5])})" if unknown else ""))
+        print(f"  unknown tensors: {len(unknown)}"
+              + (f" (e.g. {', '.join(printable(k) for k in unknown[:5])})" if unknown else ""))
+    if args.json:
+        print(json.dumps(documents, indent=2))
     return status
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
-    from backends import doctor, select_backend
+    from cascade_backends import doctor, select_backend
 
-    selected = None
+    from .precision import advice
+
+    selected, problem = None, None
     try:
         selected = select_backend(args.device)
-    except Exception as err:  # the doctor still shows what exists and why the request failed
-        print(f"requested backend unavailable: {err}", file=sys.stderr)
-    report = doctor.report(selected, requested=args.device)
+    except Exception as err:  # noqa: BLE001 - the doctor still shows what exists and why the request failed
+        problem = str(err)
+    report = doctor.report(selected, requested=args.device, advisor=advice)
     print(json.dumps(report, indent=2, default=str) if args.json else doctor.format_report(report))
+    if problem:
+        print(f"error: requested backend unavailable: {problem}", file=sys.stderr)
     return 0 if selected is not None else 2
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .memory import format_plan, plan_from_args
+    from .memory import format_plan
+    from .run import plan_for_args
 
-    plan = plan_from_args(args)
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    plan, dtype_note = plan_for_args(args)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(format_plan(plan))
+        print(dtype_note)
     return 0 if plan.fits else 2
 
 
@@ -135,48 +196,99 @@ def cmd_tags(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cascade", description="Stable Cascade engine (offline).")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_serving(sub) -> dict:
+    """`serve` and `batch` live in serving/ (imported only for their flags; the server packages load when run)."""
+    try:
+        from serving.cli import add_batch_parser, add_serve_parser, run_batch, run_serve
+    except ImportError:  # an install without serving/: the engine commands still work
+        return {}
+    for add in (add_serve_parser, add_batch_parser):
+        add(sub).formatter_class = _formatter
+    return {"serve": run_serve, "batch": run_batch}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = _Parser(prog=PROG, description="Stable Cascade engine (offline).", formatter_class=_formatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and a traceback for internal errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_generate(sub)
-    i = sub.add_parser("inspect", help="say what a checkpoint file is")
+    i = _sub(sub, "inspect", help="say what checkpoint files are (headers only)")
     i.add_argument("files", nargs="+")
-    i.add_argument("--json", action="store_true")
-    b = sub.add_parser("backends", help="what this machine offers and what would be chosen")
-    b.add_argument("--device", default=None)
+    i.add_argument("--json", action="store_true", help="one JSON list, one entry per file")
+    b = _sub(sub, "backends", help="what this machine offers and what would be chosen")
+    b.add_argument("--device", default=None, help=DEVICE_HELP)
     b.add_argument("--json", action="store_true")
-    pl = sub.add_parser("plan", help="print the memory plan for a size and budget")
-    pl.add_argument("--vram", default=None, help="budget, e.g. 16GiB, 12GB, 8000MiB (default: this device's free memory)")
+    pl = _sub(sub, "plan", help="the memory plan for a size and budget (headers only, no loading)")
+    _add_model_files(pl)
     pl.add_argument("--width", type=int, default=1024)
     pl.add_argument("--height", type=int, default=1024)
-    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--batch", dest="batch_size", type=int, default=1)
     pl.add_argument("--compression", type=float, default=42.0)
-    pl.add_argument("--cfg", type=float, default=7.0)
+    pl.add_argument("--cfg", dest="prior_cfg", type=float, default=7.0)
     pl.add_argument("--decoder-cfg", type=float, default=1.0)
-    pl.add_argument("--prior", help="Stage C file (sizes read from its header); default: full-size bf16 figures")
-    pl.add_argument("--decoder", help="Stage B file")
-    pl.add_argument("--dtype", default="bf16", help="weights dtype on the device: bf16, fp16, fp32")
-    pl.add_argument("--device", default=None)
+    pl.add_argument("--variant", choices=("big", "lite"), default="big",
+                    help="without --prior/--decoder: plan for the official big or lite models")
+    _add_device_args(pl)
     pl.add_argument("--json", action="store_true")
-    sub.add_parser("tags", help="the SoteDiffusion tag vocabulary")
-    return parser
+    _sub(sub, "tags", help="the SoteDiffusion tag vocabulary")
+    commands = {"generate": cmd_generate, "inspect": cmd_inspect, "backends": cmd_backends, "plan": cmd_plan,
+                "tags": cmd_tags, **_add_serving(sub)}
+    return parser, commands
 
 
-COMMANDS = {"generate": cmd_generate, "inspect": cmd_inspect, "backends": cmd_backends, "plan": cmd_plan, "tags": cmd_tags}
+def _on_sigterm(signum, frame) -> NoReturn:
+    raise Terminated()
+
+
+def _quiet_broken_pipe() -> int:
+    """Stdout's reader went away (`| head`): stop without a traceback, and keep Python's exit flush quiet too."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for a process killed by the broken pipe
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    verbose = "-v" in (argv if argv is not None else sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
     try:
-        return COMMANDS[args.command](args)
-    except CascadeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (a host calling main): leave signals to it
+        pass
+    try:
+        parser, commands = build_parser()
+        args = parser.parse_args(argv)
+        verbose = args.verbose
+        logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        return commands[args.command](args)
+    except (CascadeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+        _error(str(err) if isinstance(err, CascadeError) else f"{err.strerror}: {err.filename}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
+        print("interrupted; nothing half-written was left", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated; nothing half-written was left", file=sys.stderr)
+        return 143
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except Exception as err:  # noqa: BLE001 - a bug or an unexpected runtime failure: one line, traceback with -v
+        from .errors import describe_unexpected
+
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        _error(describe_unexpected(err) + ("" if verbose else " (run with -v for the traceback)"))
+        return 1
+
+
+def _error(message: str) -> None:
+    """One line: newlines in a message (a path, a file's text) would make it several."""
+    try:
+        print("error: " + " ".join(message.split()), file=sys.stderr)
+    except BrokenPipeError:
+        pass

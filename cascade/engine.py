@@ -1,4 +1,4 @@
-"""From checkpoint paths to a ready `CascadePipeline`: resolve sources, choose dtypes, load, place.
+"""Loading the components of a resolved `Sources` into a `CascadePipeline` (the step `cascade.session` runs).
 
 The backend decides dtypes per stage (Stage C bf16 where native, else fp32 — never fp16 unless asked; Stage B
 bf16/fp16) and where things run; the placement (cascade.memory) decides what is resident when.
@@ -10,11 +10,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .loader import Sources, load_part, resolve_sources
-from .pipeline import COMPONENT_OF_PART, CascadePipeline, Placement, Resident
+from .errors import InvalidRequestError
+from .loader import Sources, load_part
+from .names import COMPONENT_OF_PART
+from .pipeline import CascadePipeline, Placement, Resident
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     try:
         return _DTYPE_NAMES[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use auto, bf16, fp16 or fp32") from None
+        raise InvalidRequestError(f"unknown dtype {name!r}; use auto, bf16, fp16 or fp32") from None
 
 
 @dataclass
@@ -48,13 +51,66 @@ class LoadReport:
 
 
 def choose_dtypes(backend, requested: torch.dtype | None) -> dict[str, torch.dtype]:
-    """Per-component dtypes from the backend policy; `requested` applies to the two UNets only."""
+    """Per-component dtypes from the precision policy (cascade.precision); `requested` applies to the two UNets only."""
+    from .precision import dtype_for
+
     return {
-        "text_encoder": backend.dtype_for("text_encoder"),
-        "prior": backend.dtype_for("prior", requested),
-        "decoder": backend.dtype_for("decoder", requested),
-        "vqgan": backend.dtype_for("vqgan"),
+        "text_encoder": dtype_for(backend, "text_encoder"),
+        "prior": dtype_for(backend, "prior", requested),
+        "decoder": dtype_for(backend, "decoder", requested),
+        "vqgan": dtype_for(backend, "vqgan"),
     }
+
+
+def load_components(
+    sources: Sources,
+    *,
+    backend,
+    dtypes: dict[str, torch.dtype],
+    placement: Placement,
+    report: Callable[[str, int, float | None], None] | None = None,
+    side_files=None,
+) -> CascadePipeline:
+    """Load every component of `sources` at its dtype where the placement wants it, then wrap them in a pipeline.
+
+    `report(component, index, seconds)` is called before (seconds None) and after each component. Callers come
+    through `cascade.session.open_pipeline`, which decides sources, dtypes and placement.
+    """
+    from .attention import bound_attention
+    from .paths import cache_dir
+    from .precision import openvino_precision
+    from .text import load_tokenizer
+
+    modules = {}
+    for index, (kind, part) in enumerate(sources.parts().items(), start=1):
+        name = COMPONENT_OF_PART[kind]
+        if report is not None:
+            report(name, index, None)
+        t0 = time.perf_counter()
+        modules[name] = load_part(part, dtype=dtypes[name], device=placement.initial_device(name),
+                                  pin_memory=placement.pins_host_memory(name))
+        seconds = time.perf_counter() - t0
+        log.info("loaded %s (%s, %s) in %.1fs", name, part.variant, dtypes[name], seconds)
+        if report is not None:
+            report(name, index, seconds)
+    for name in ("prior", "decoder"):
+        bound_attention(modules[name], backend.max_attention_bytes)
+    cache = cache_dir() / "openvino"
+    for name, entry in (("prior", "forward"), ("decoder", "forward"), ("vqgan", "decode")):
+        modules[name] = backend.compile_for_device(modules[name], cache_dir=cache, entry=entry,
+                                                   precision=openvino_precision(backend, name, dtypes[name]))
+    return CascadePipeline(
+        tokenizer=load_tokenizer(),
+        text_encoder=modules["text_encoder"],
+        prior=modules["prior"],
+        decoder=modules["decoder"],
+        stage_a=modules["vqgan"],
+        device=backend.device,
+        placement=placement,
+        sources=sources,
+        backend=backend,
+        side_files=side_files,
+    )
 
 
 def load_pipeline(
@@ -66,41 +122,16 @@ def load_pipeline(
     backend=None,
     dtype: torch.dtype | None = None,
     placement: Placement | None = None,
-    sources: Sources | None = None,
 ) -> tuple[CascadePipeline, LoadReport]:
-    """Load a Stage C + Stage B pair (plus CLIP-G and Stage A from wherever they are) onto the backend's device."""
-    from backends import select_backend
+    """Shorthand for `cascade.session.open_pipeline` with explicit paths (tests, benchmarks, notebooks).
 
-    from .attention import bound_attention
-    from .text import load_tokenizer
-    from .tiny import cache_dir
+    Without a placement everything is resident on the backend's device (no memory plan).
+    """
+    from cascade_backends import select_backend
+
+    from .session import PipelineSpec, open_pipeline
 
     backend = backend or select_backend()
-    sources = sources or resolve_sources(prior, decoder, text_encoder=text_encoder, stage_a=stage_a)
-    report = LoadReport(dtypes=choose_dtypes(backend, dtype), notes=list(sources.notes))
-    placement = placement or Resident(backend.device)
-    modules = {}
-    for kind, part in sources.parts().items():
-        name = COMPONENT_OF_PART[kind]
-        t0 = time.perf_counter()
-        modules[name] = load_part(part, dtype=report.dtypes[name], device=placement.initial_device(name),
-                                  pin_memory=placement.pins_host_memory(name))
-        report.seconds[name] = time.perf_counter() - t0
-        log.info("loaded %s (%s, %s) in %.1fs", name, part.variant, report.dtypes[name], report.seconds[name])
-    for name in ("prior", "decoder"):
-        bound_attention(modules[name], backend.max_attention_bytes)
-    cache = cache_dir() / "openvino"
-    for name, entry in (("prior", "forward"), ("decoder", "forward"), ("vqgan", "decode")):
-        modules[name] = backend.compile_for_device(modules[name], name, cache_dir=cache, entry=entry)
-    pipe = CascadePipeline(
-        tokenizer=load_tokenizer(),
-        text_encoder=modules["text_encoder"],
-        prior=modules["prior"],
-        decoder=modules["decoder"],
-        stage_a=modules["vqgan"],
-        device=backend.device,
-        placement=placement,
-        sources=sources,
-        backend=backend,
-    )
-    return pipe, report
+    spec = PipelineSpec(prior, decoder, text_encoder, stage_a, dtype=dtype or "auto")
+    session = open_pipeline(spec, backend=backend, placement=placement or Resident(backend.device))
+    return session.pipeline, LoadReport(session.dtypes, session.load_seconds, session.notes)

@@ -12,33 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from .errors import CascadeError
 from .request import GenerationRequest
 
-SAMPLER_TITLES = {
-    "ddpm": "DDPM",
-    "euler": "Euler",
-    "euler_ancestral": "Euler a",
-    "heun": "Heun",
-    "dpm_2": "DPM2",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_sde": "DPM++ 2M SDE",
-    "dpmpp_sde": "DPM++ SDE",
-    "lcm": "LCM",
-    "uni_pc": "UniPC",
-}
-SCHEDULER_TITLES = {
-    "karras": "Karras",
-    "exponential": "Exponential",
-    "sgm_uniform": "SGM Uniform",
-    "normal": "Normal",
-    "simple": "Simple",
-    "beta": "Beta",
-}
+from .names import SAMPLER_TITLES, SCHEDULER_TITLES  # noqa: E402  (one table of names, re-exported)
+
+log = logging.getLogger(__name__)
 
 
 def _quote(value: Any) -> str:
@@ -124,48 +109,106 @@ def parse_infotext(text: str) -> dict[str, str]:
     return out
 
 
-def short_hash(path: str | os.PathLike, cache_file: Path | None = None) -> str:
-    """A1111's AutoV2 hash (sha256 of the whole file, first 10 hex), cached by (path, size, mtime)."""
+HASH_CACHE_VERSION = 1
+HASH_BLOCK = 16 * 1024 * 1024
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _file_key(path: Path) -> tuple[str, os.stat_result]:
+    resolved = path.resolve()
+    return str(resolved), resolved.stat()
+
+
+def _valid_entry(entry: Any) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("mtime_ns"), int)
+            and isinstance(entry.get("sha256"), str) and bool(_HEX64.fullmatch(entry["sha256"])))
+
+
+def read_hash_cache(cache_file: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The cache's valid entries, {absolute path: {"size", "mtime_ns", "sha256"}}. A missing, corrupt, partial or
+    foreign file reads as empty (it is a cache: the next write replaces it with a valid one)."""
+    try:
+        data = json.loads(Path(cache_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    files = data.get("files") if isinstance(data, dict) and data.get("version") == HASH_CACHE_VERSION else None
+    if not isinstance(files, dict):
+        return {}
+    return {k: v for k, v in files.items() if isinstance(k, str) and _valid_entry(v)}
+
+
+def _store_hash(cache_file: Path, key: str, entry: dict[str, Any]) -> None:
+    """Merge one entry into the cache under a cross-process lock, written to a unique temporary file and renamed:
+    concurrent processes never lose each other's entries and a reader never sees a half file."""
+    from .atomic import atomic_write_text, file_lock
+
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(cache_file.with_name(cache_file.name + ".lock")):
+        files = read_hash_cache(cache_file)
+        files[key] = entry
+        atomic_write_text(cache_file, json.dumps({"version": HASH_CACHE_VERSION, "files": files}, indent=1,
+                                                 sort_keys=True), what="hash cache", durable=False)
+
+
+def file_sha256(path: str | os.PathLike, on_progress: Callable[[int, int], None] | None = None) -> str:
+    """The full SHA-256 (hex) of a file, read in 16 MiB blocks; `on_progress(done_bytes, total_bytes)` is called
+    once before the first block and after every block (the CLI draws its bar from it)."""
+    path = Path(path)
+    total = path.stat().st_size
+    digest, done = hashlib.sha256(), 0
+    if on_progress is not None:
+        on_progress(0, total)
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+            done += len(block)
+            if on_progress is not None:
+                on_progress(done, total)
+    return digest.hexdigest()
+
+
+def short_hash(path: str | os.PathLike, cache_file: str | os.PathLike | None = None, *,
+               on_progress: Callable[[int, int], None] | None = None) -> str:
+    """A1111/SD.Next's AutoV2 hash (sha256 of the whole file, first 10 hex), cached by (absolute path, size,
+    mtime_ns) as SD.Next's `modules/hashes.py` caches by (title, mtime): a second run is instant, a changed file is
+    hashed again. `on_progress` is called only when the file is actually read (not on a cache hit). A folder has no
+    hash (""). A failed cache write is logged and does not fail the caller."""
     path = Path(path)
     if path.is_dir():
         return ""
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
-    cache: dict[str, str] = {}
-    if cache_file is not None and cache_file.is_file():
+    key, before = _file_key(path)
+    cache = Path(cache_file) if cache_file is not None else None
+    if cache is not None:
+        entry = read_hash_cache(cache).get(key)
+        if entry and entry["size"] == before.st_size and entry["mtime_ns"] == before.st_mtime_ns:
+            return entry["sha256"][:10]
+    value = file_sha256(path, on_progress)
+    after = Path(key).stat()
+    if cache is not None and (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):
         try:
-            cache = json.loads(cache_file.read_text())
-        except json.JSONDecodeError:
-            cache = {}
-    if key in cache:
-        return cache[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(16 * 1024 * 1024), b""):
-            digest.update(block)
-    value = digest.hexdigest()[:10]
-    if cache_file is not None:
-        cache[key] = value
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".partial")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, cache_file)
-    return value
+            _store_hash(cache, key, {"size": before.st_size, "mtime_ns": before.st_mtime_ns, "sha256": value})
+        except (OSError, CascadeError) as err:  # a read-only cache folder costs a re-hash next time, nothing more
+            log.warning("could not update the hash cache %s: %s", cache, err)
+    return value[:10]
+
+
+def check_output_target(path: str | os.PathLike) -> None:
+    """Raise CascadeError unless `path` can be written as a PNG: called by the CLI before sampling, so an
+    unusable `--out` (a directory, /dev/full, a fifo, an unwritable folder) fails before any compute."""
+    from .atomic import check_output_target as check
+
+    check(path, "output")
 
 
 def save_png(image, path: str | os.PathLike, parameters: str) -> Path:
-    """Write a PNG with the `parameters` text chunk, atomically (no half-written files on interrupt)."""
+    """Write a PNG with the `parameters` text chunk atomically: a uniquely named temporary file in the target's
+    folder, fsync'ed and renamed over the target. Concurrent writers of one path each publish a complete file (the
+    last one wins); a kill (SIGKILL included) never leaves a 0-byte or partial file under `path`; an existing
+    non-regular target (a directory, a device such as /dev/full, a fifo) is refused (CascadeError)."""
     from PIL.PngImagePlugin import PngInfo
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from .atomic import atomic_write
+
     info = PngInfo()
     info.add_text("parameters", parameters)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info), what="output")

@@ -40,7 +40,7 @@ def unet_keymap(keys: Iterable[str], prefix: str, stage: str) -> KeyMap:
     for key in keys:
         name = key[len(prefix) :]
         if ".attention.attn.in_proj_" in name:
-            head, kind = name.split(".attention.attn.in_proj_")
+            head, _, kind = name.partition(".attention.attn.in_proj_")  # file keys may hold the marker twice
             for i, qkv in enumerate(_QKV):
                 out[f"{head}.attention.{qkv}.{kind}"] = Source(key, chunk=i)
             continue

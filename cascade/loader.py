@@ -20,19 +20,22 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from . import configs
 from .checkpoints import (
     DECODER,
+    PART_TITLES,
     PRIOR,
     STAGE_A,
     TEXT_ENCODER,
     Checkpoint,
     Part,
+    printable,
     require,
     scan,
     side_text_encoder_files,
 )
 from .errors import CheckpointError, IncompatibleStagesError, MissingComponentError
-from .keymaps import KeyMap, stage_a_keymap, text_encoder_keymap, unet_keymap
+from .keymaps import KeyMap, Source, stage_a_keymap, text_encoder_keymap, unet_keymap
 from .tensorfile import TensorReader
 
 log = logging.getLogger(__name__)
@@ -61,8 +64,8 @@ def _find_text_encoder(prior: Checkpoint, decoder: Checkpoint, explicit: Path | 
     if explicit is not None:
         ckpt = scan(explicit)
         if TEXT_ENCODER not in ckpt.parts:
-            raise MissingComponentError(f"{explicit.name} holds no CLIP-G text encoder (it is a {ckpt.title}).")
-        notes.append(f"text encoder from {explicit.name}")
+            raise MissingComponentError(f"{printable(explicit.name)} holds no CLIP-G text encoder (it is a {ckpt.title}).")
+        notes.append(f"text encoder from {printable(explicit.name)}")
         return ckpt.parts[TEXT_ENCODER]
     if TEXT_ENCODER in prior.parts:
         return prior.parts[TEXT_ENCODER]
@@ -73,14 +76,14 @@ def _find_text_encoder(prior: Checkpoint, decoder: Checkpoint, explicit: Path | 
             if side.is_file():
                 ckpt = scan(side)
                 if TEXT_ENCODER in ckpt.parts:
-                    notes.append(f"text encoder from side file {side.name}")
+                    notes.append(f"text encoder from side file {printable(side.name)}")
                     return ckpt.parts[TEXT_ENCODER]
     if TEXT_ENCODER in decoder.parts:
-        notes.append(f"text encoder taken from the decoder file {decoder.name} (the prior file has none)")
+        notes.append(f"text encoder taken from the decoder file {printable(decoder.name)} (the prior file has none)")
         return decoder.parts[TEXT_ENCODER]
     side_hint = f" or a side file next to it ({' / '.join(tried)})" if tried else ""
     raise MissingComponentError(
-        f"No CLIP-G text encoder found: {prior.name} is a bare Stage C file and {decoder.name} has none either. "
+        f"No CLIP-G text encoder found: {printable(prior.name)} is a bare Stage C file and {printable(decoder.name)} has none either. "
         f"Use the ComfyUI all-in-one 'main' file (it embeds CLIP-G){side_hint}, pass --text-encoder FILE "
         "(e.g. text_encoder/model.safetensors from stabilityai/stable-cascade-prior), or use a diffusers folder."
     )
@@ -90,8 +93,8 @@ def _find_stage_a(prior: Checkpoint, decoder: Checkpoint, explicit: Path | None,
     if explicit is not None:
         ckpt = scan(explicit)
         if STAGE_A not in ckpt.parts:
-            raise MissingComponentError(f"{explicit.name} holds no Stage A VQGAN (it is a {ckpt.title}).")
-        notes.append(f"Stage A from {explicit.name}")
+            raise MissingComponentError(f"{printable(explicit.name)} holds no Stage A VQGAN (it is a {ckpt.title}).")
+        notes.append(f"Stage A from {printable(explicit.name)}")
         return ckpt.parts[STAGE_A]
     for ckpt in (decoder, prior):
         if STAGE_A in ckpt.parts:
@@ -103,10 +106,10 @@ def _find_stage_a(prior: Checkpoint, decoder: Checkpoint, explicit: Path | None,
             looked.append(candidate.name)
             found = scan(candidate)
             if STAGE_A in found.parts:
-                notes.append(f"Stage A from {candidate.name} next to the checkpoints")
+                notes.append(f"Stage A from {printable(candidate.name)} next to the checkpoints")
                 return found.parts[STAGE_A]
     raise MissingComponentError(
-        f"No Stage A (VQGAN) found: {decoder.name} is a bare Stage B file. Use the ComfyUI all-in-one decoder file "
+        f"No Stage A (VQGAN) found: {printable(decoder.name)} is a bare Stage B file. Use the ComfyUI all-in-one decoder file "
         "(it embeds Stage A), or put stage_a.safetensors (from stabilityai/stable-cascade) next to it, or pass "
         "--stage-a FILE."
     )
@@ -124,7 +127,7 @@ def check_compatible(sources: Sources) -> None:
     for a_name, a, b_name, b_val in checks:
         if a != b_val:
             raise IncompatibleStagesError(
-                f"{sources.prior_checkpoint.name} and {sources.decoder_checkpoint.name} cannot work together: "
+                f"{printable(sources.prior_checkpoint.name)} and {printable(sources.decoder_checkpoint.name)} cannot work together: "
                 f"{a_name} is {a} but {b_name} is {b_val}. Use a Stage C and a Stage B from the Stable Cascade "
                 "family (big and lite mix freely)."
             )
@@ -174,7 +177,11 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 def instantiate(kind: str, config: dict) -> nn.Module:
-    """An empty model (parameters on meta) for a part kind and config."""
+    """An empty model (parameters on meta) for a part kind and config; the config is checked first (types and
+    ranges, `cascade.configs.config_problem`), since it decides how much gets built."""
+    problem = configs.config_problem(kind, config, strict=False) if kind in (PRIOR, DECODER, STAGE_A, TEXT_ENCODER) else None
+    if problem:
+        raise CheckpointError(f"the {PART_TITLES[kind]} config is unusable: {problem}.")
     with parameters_on_meta():
         if kind in (PRIOR, DECODER):
             from .models import CascadeUNet
@@ -188,6 +195,10 @@ def instantiate(kind: str, config: dict) -> nn.Module:
             from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
             return CLIPTextModelWithProjection(CLIPTextConfig(**config))
+        if kind in ("effnet", "previewer", "clip_vision"):  # parts only some requests load (cascade.side_parts)
+            from .side_parts import build_model
+
+            return build_model(kind, config)
     raise ValueError(f"cannot instantiate part kind {kind!r}")
 
 
@@ -198,6 +209,10 @@ def keymap_for(part: Part) -> KeyMap:
         return text_encoder_keymap(part.keys, part.prefix)
     if part.kind == STAGE_A:
         return stage_a_keymap(part.keys, part.prefix)
+    if part.kind in ("effnet", "previewer", "clip_vision"):
+        from .side_parts import keymap
+
+        return keymap(part)
     raise ValueError(f"part kind {part.kind!r} is not loadable")
 
 
@@ -226,34 +241,90 @@ def _read_state(
     return state
 
 
-def load_part(part: Part, *, dtype: torch.dtype, device: torch.device | str = "cpu", pin_memory: bool = False) -> nn.Module:
-    """Instantiate `part`'s model and fill it from the file(s): strict on missing tensors, lenient on extras.
+def _source_shape(shape: tuple[int, ...], src: Source) -> tuple[int, ...] | None:
+    """The shape the model receives from a file tensor of `shape`: one third of it (q/k/v of a stacked in_proj,
+    split like torch.chunk(3)) or its transpose; None when that cannot be taken."""
+    if src.chunk is not None:
+        if not shape:
+            return None
+        rows, step = shape[0], -(-shape[0] // 3)
+        if src.chunk * step >= rows:
+            return None
+        return (min(step, rows - src.chunk * step), *shape[1:])
+    if src.transpose:
+        return (shape[1], shape[0]) if len(shape) == 2 else None
+    return shape
 
-    pin_memory (CPU targets only): weights land in page-locked host memory, ready for fast uploads by the offload
-    executor.
+
+def check_part(part: Part) -> tuple[KeyMap, set[str]]:
+    """Refuse a part whose file cannot fill its model, before any memory is allocated for it.
+
+    The model is built on the meta device (no memory, no initialisation) from the part's validated config, and each
+    of its tensors is matched against the file header: present, of the shape the header declares, floating point
+    where the model needs it. Since `read_header` already checked every declared shape against its byte range and
+    the file's real extent, a model that passes allocates exactly what the file holds (converted to the load dtype):
+    a small file whose config asks for a huge model is refused here. Returns (keymap, model keys) for `load_part`.
     """
-    device = torch.device(device)
-    model = instantiate(part.kind, part.config)
-    expected = set(model.state_dict().keys())
+    name = printable(part.headers[0].path.name)
+    title = PART_TITLES.get(part.kind, part.kind)
+    if part.kind in ("effnet", "previewer", "clip_vision"):  # parts only some requests load
+        from .side_parts import config_problem as side_config_problem
+
+        problem = side_config_problem(part.kind, part.config)
+    else:
+        problem = configs.config_problem(part.kind, part.config, strict=False)
+    if problem:
+        raise CheckpointError(f"{name}: the {title} config is unusable: {problem}.")
+    try:
+        with torch.device("meta"):
+            model = instantiate(part.kind, part.config)
+    except CheckpointError:
+        raise
+    except Exception as err:  # field checks passed but the model class still refuses the combination
+        raise CheckpointError(f"{name}: the {title} config cannot build a model ({type(err).__name__}: "
+                              f"{printable(str(err))}).") from None
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    del model
     keymap = keymap_for(part)
-    missing = sorted(k for k in expected - keymap.keys() if not k.endswith(_OPTIONAL_KEYS))
-    name = part.headers[0].path.name
+    missing = sorted(k for k in expected.keys() - keymap.keys() if not k.endswith(_OPTIONAL_KEYS))
     if missing:
         raise CheckpointError(
             f"{name}: the {part.kind} weights are incomplete or of another architecture — {len(missing)} tensors "
             f"missing, e.g. {', '.join(missing[:3])}. Download the file again or use an official layout."
         )
+    for key, (shape, dtype) in expected.items():
+        src = keymap.get(key)
+        if src is None:
+            continue
+        info = part.info(src.key)
+        got = _source_shape(info.shape, src)
+        if got != shape:
+            raise CheckpointError(
+                f"{name}: tensor {key} has shape {list(info.shape)} in the file but the {part.kind} model expects "
+                f"{list(shape)}; the file does not match its detected variant ({part.variant})."
+            )
+        if dtype.is_floating_point and not info.torch_dtype.is_floating_point:
+            raise CheckpointError(f"{name}: tensor {printable(src.key)} is stored as {info.dtype}, but the model needs "
+                                  "floating-point weights there. The file is damaged; download it again.")
+    return keymap, set(expected)
+
+
+def load_part(part: Part, *, dtype: torch.dtype, device: torch.device | str = "cpu", pin_memory: bool = False) -> nn.Module:
+    """Instantiate `part`'s model and fill it from the file(s): strict on missing tensors, lenient on extras.
+
+    Everything the file declares is checked against the model first (`check_part`), so nothing is allocated for
+    a file that cannot fill it. pin_memory (CPU targets only): weights land in page-locked host memory, ready for
+    fast uploads by the offload executor.
+    """
+    device = torch.device(device)
+    keymap, expected = check_part(part)
+    name = printable(part.headers[0].path.name)
     extra = sorted(set(keymap) - expected)
     if extra:
-        log.warning("%s: %d tensors of the %s part are not used: %s", name, len(extra), part.kind, ", ".join(extra[:5]))
+        log.warning("%s: %d tensors of the %s part are not used: %s", name, len(extra), part.kind,
+                    ", ".join(printable(k) for k in extra[:5]))
+    model = instantiate(part.kind, part.config)
     state = _read_state(part, keymap, expected, dtype, device, pin_memory and device.type == "cpu")
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for key, tensor in state.items():
-        if shapes[key] != tuple(tensor.shape):
-            raise CheckpointError(
-                f"{name}: tensor {key} has shape {list(tensor.shape)} but the {part.kind} model expects "
-                f"{list(shapes[key])}; the file does not match its detected variant ({part.variant})."
-            )
     model.load_state_dict(state, strict=False, assign=True)
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:

@@ -17,7 +17,6 @@ A plan that cannot fit says so before anything is loaded, with the largest size 
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,11 +24,12 @@ from typing import Any
 import torch
 
 from .activations import Shape, default_model
+from .errors import CascadeError, InvalidRequestError
+from .names import COMPONENTS
 
 GiB = 1024**3
 MODES = ("resident", "stage", "stream", "sequential")
-PHASES = ("text_encoder", "prior", "decoder", "vqgan")
-COMPONENTS = ("text_encoder", "prior", "decoder", "vqgan")
+PHASES = COMPONENTS  # one phase per component, in execution order
 STREAMABLE = ("prior", "decoder")
 # Which components a phase needs on the device under the stage-style plans.
 STAGE_NEEDS = {
@@ -43,11 +43,27 @@ MARGIN_FRACTION = 0.05  # fragmentation and kernel workspaces, proportional to t
 _BLOCK = re.compile(r"^((?:down|up)_blocks\.\d+\.\d+)\.")
 
 
+class PlanInputError(InvalidRequestError):
+    """A budget that cannot be read (`--vram lots`) or is not known."""
+
+
+class PlanDoesNotFit(CascadeError):
+    """No plan fits the budget; `plan` holds every option's numbers and the largest size that would fit."""
+
+    def __init__(self, plan: "Plan"):
+        self.plan = plan
+        s = plan.shape
+        hint = (f"; the largest size that fits is {plan.largest_fitting[0]}x{plan.largest_fitting[1]}"
+                if plan.largest_fitting else "")
+        super().__init__(f"{s.width}x{s.height} (batch {s.batch}) does not fit in {plan.budget / GiB:.2f} GiB with "
+                         f"any memory plan{hint}. Lower the size or batch, or use a lite model.")
+
+
 def parse_size(text: str) -> int:
     """'16GiB', '12GB', '8000MiB', '15.5G' (G = GiB) -> bytes."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"cannot read memory size {text!r}; write e.g. 16GiB, 12GB or 8000MiB")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise PlanInputError(f"cannot read memory size {text!r}; write a positive size such as 16GiB, 12GB or 8000MiB")
     value, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
     power = " KMGT".index(unit or " ")
     base = 1000 if (unit and not binary and text.strip().upper().endswith("B")) else 1024
@@ -68,6 +84,10 @@ class ComponentSizes:
     weights: dict[str, int]
     itemsize: dict[str, int]
     blocks: dict[str, tuple[int, ...]] = field(default_factory=dict)  # execution order
+    # Per phase: bytes of the parts only some requests use (cascade.side_parts: Stage C encoder and CLIP vision
+    # after text encoding, the previewer during Stage C, Stage A's encoder in the decoder phase), weights and
+    # activations together; they are on the device only while used, so they count like activations.
+    extras: dict[str, int] = field(default_factory=dict)
 
     def rest(self, component: str) -> int:
         """Bytes of a UNet outside its down/up blocks (embeddings, mappers, output): always resident."""
@@ -87,32 +107,6 @@ class ComponentSizes:
                 blocks[component] = tuple(grouped[k] for k in sorted(grouped, key=_block_order))
         return cls(weights, dict(itemsize), blocks)
 
-    @classmethod
-    def from_sources(cls, sources, dtypes: dict[str, torch.dtype]) -> "ComponentSizes":
-        """Sizes read from checkpoint headers: every tensor the model will hold, at its device dtype."""
-        from .loader import keymap_for
-        from .pipeline import COMPONENT_OF_PART
-
-        named = {}
-        for kind, part in sources.parts().items():
-            component = COMPONENT_OF_PART[kind]
-            sizes = {}
-            for model_key, src in keymap_for(part).items():
-                info = part.info(src.key)
-                n = info.numel // 3 if src.chunk is not None else info.numel
-                floating = info.torch_dtype.is_floating_point
-                sizes[model_key] = n * (_itemsize(dtypes[component]) if floating else _itemsize(info.torch_dtype))
-            named[component] = sizes
-        return cls.from_bytes(named, {c: _itemsize(d) for c, d in dtypes.items()})
-
-    @classmethod
-    def full_size(cls, dtypes: dict[str, torch.dtype], prior: str = "big", decoder: str = "big") -> "ComponentSizes":
-        """The official models' sizes, counted from their configs (no files needed)."""
-        named = {}
-        for component, tensors in _full_size_state(prior, decoder).items():
-            named[component] = {k: n * (_itemsize(dtypes[component]) if fp else _itemsize(dt)) for k, (n, fp, dt) in tensors.items()}
-        return cls.from_bytes(named, {c: _itemsize(d) for c, d in dtypes.items()})
-
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
@@ -121,26 +115,6 @@ def _itemsize(dtype: torch.dtype) -> int:
 def _block_order(name: str) -> tuple[int, int, int]:
     direction, level, index = name.split(".")[0], *map(int, name.split(".")[1:])
     return (0 if direction == "down_blocks" else 1, level, index)
-
-
-@functools.lru_cache(maxsize=4)
-def _full_size_state(prior: str, decoder: str) -> dict[str, dict[str, tuple[int, bool, torch.dtype]]]:
-    """{component: {state-dict key: (numel, is floating, dtype)}} of the official models, built on meta."""
-    from . import configs
-    from .loader import instantiate
-
-    models = {
-        "text_encoder": ("text_encoder", configs.CLIP_G),
-        "prior": ("prior", configs.unet_config("prior", prior)),
-        "decoder": ("decoder", configs.unet_config("decoder", decoder)),
-        "vqgan": ("stage_a", configs.STAGE_A),
-    }
-    state = {}
-    for component, (kind, config) in models.items():
-        with torch.device("meta"):
-            model = instantiate(kind, dict(config))
-        state[component] = {k: (t.numel(), t.is_floating_point(), t.dtype) for k, t in model.state_dict().items()}
-    return state
 
 
 def default_dtypes(weights: str = "bf16") -> dict[str, torch.dtype]:
@@ -238,7 +212,7 @@ def _activations(sizes: ComponentSizes, shape: Shape) -> dict[str, int]:
             work = Shape(shape.width, stage_a_working_height(shape.width, shape.height))
         else:
             work = shape
-        act[phase] = model.predict(phase, work, sizes.itemsize[phase])
+        act[phase] = model.predict(phase, work, sizes.itemsize[phase]) + sizes.extras.get(phase, 0)
     return act
 
 
@@ -297,7 +271,7 @@ def make_plan(
 ) -> Plan:
     """Evaluate every mode; choose the requested one, or the cheapest that fits for mode='auto'."""
     if mode not in ("auto", *MODES):
-        raise ValueError(f"unknown offload mode {mode!r}; use auto, {', '.join(MODES)}")
+        raise PlanInputError(f"unknown offload mode {mode!r}; use auto, {', '.join(MODES)}")
     steps = steps or {"prior": 30, "decoder": 10}
     calls = dict(steps)  # cond and uncond run as one batch: one UNet call per step
     usable = usable_bytes(budget)
@@ -381,69 +355,18 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-# --- glue for the CLI -------------------------------------------------------------------------------------------
-
-
 def budget_for(backend, vram: str | None) -> int:
-    """`--vram` when given, else the device's free memory (on the CPU: available RAM)."""
+    """`vram` when given, else the device's free memory (on the CPU: available RAM)."""
     if vram:
         return parse_size(vram)
     info = backend.memory()
     if info.free is None:
-        raise ValueError(f"{backend.name} does not report free memory; pass --vram (e.g. --vram 16GiB)")
+        raise PlanInputError(f"{backend.name} does not report free memory; pass --vram (e.g. --vram 16GiB)")
     return int(info.free)
 
 
-def validate_shape(shape: Shape) -> None:
-    """Refuse sizes a generation would refuse (InvalidRequestError naming the fix) before planning for them: a zero
-    width would divide by zero, and a huge one would make the largest-fitting-size search run for hours."""
-    from .request import GenerationRequest, validate
-
-    validate(GenerationRequest(prompt="", width=shape.width, height=shape.height, batch_size=shape.batch,
-                               compression=shape.compression))
-
-
-def plan_from_args(args) -> Plan:
-    """`python -m cascade plan`: full-size figures, or the sizes read from --prior/--decoder headers."""
-    dtypes = default_dtypes(args.dtype)
-    shape = Shape(args.width, args.height, args.batch, args.compression, args.cfg, args.decoder_cfg)
-    validate_shape(shape)
-    if args.prior and args.decoder:
-        from .loader import resolve_sources
-
-        sizes = ComponentSizes.from_sources(resolve_sources(args.prior, args.decoder), dtypes)
-    else:
-        sizes = ComponentSizes.full_size(dtypes)
-    if args.vram:
-        budget = parse_size(args.vram)
-    else:
-        from backends import select_backend
-
-        budget = budget_for(select_backend(args.device), None)
-    return make_plan(sizes, shape, budget)
-
-
-def placement_for(mode: str, backend, prior_path, decoder_path, request, vram: str | None = None, dtypes=None,
-                  sources=None):
-    """The executor for a CLI generation: plan from the headers and the budget, refuse before loading if nothing fits.
-
-    `sources`/`dtypes`: what will actually be loaded (explicit --text-encoder/--stage-a files, --dtype); by default
-    the pair's own sources at the backend policy's dtypes.
-    """
-    from .errors import CascadeError
-    from .loader import resolve_sources
-    from .offload import Executor
-
-    if backend.device.type == "cpu" and mode == "auto":
-        mode = "resident"  # host memory is the device: moving weights around would only copy them
-    from .engine import choose_dtypes
-
-    dtypes = dtypes or choose_dtypes(backend, None)
-    sizes = ComponentSizes.from_sources(sources or resolve_sources(prior_path, decoder_path), dtypes)
-    shape = Shape(request.width, request.height, request.batch_size, request.compression, request.prior.cfg,
-                  request.decoder.cfg)
-    budget = budget_for(backend, vram)
-    plan = make_plan(sizes, shape, budget, steps={"prior": request.prior.steps, "decoder": request.decoder.steps}, mode=mode)
-    if not plan.fits:
-        raise CascadeError(format_plan(plan).splitlines()[-1].replace("does not fit", f"{request.width}x{request.height} does not fit"))
-    return Executor(plan, backend)
+def require_fit(plan: Plan) -> Option:
+    """The chosen option, or PlanDoesNotFit carrying the plan (callers read `.largest_fitting`, not the text)."""
+    if plan.chosen is None:
+        raise PlanDoesNotFit(plan)
+    return plan.chosen

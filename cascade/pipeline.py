@@ -6,17 +6,21 @@ reference §3-4: CFG on the denoised prediction in fp32, the unconditional pass 
 in fp32 (see `models.unet`), Stage C latent 16 x H//c x W//c with clip_img zeros, Stage B conditioned on the
 Stage C latent (zeros for the unconditional pass), Stage A decoding 0.43 x latent.
 
-Seeds: every image's noise is drawn on the CPU from its own generator (seed + i), so one seed gives the same
-image on every device, and image i of a batch equals a single run with seed + i.
+Seeds and noise (`request.noise`, cascade.sampling.StageNoise): "cpu" draws every image's noise on the CPU from
+its own generator (seed + i), so one seed gives the same image on every device, and image i of a batch equals a
+single run with seed + i; "comfyui" draws exactly what ComfyUI's KSampler draws for the seed (whole batch, its
+ancestral / Brownian-tree noise on the device ComfyUI uses). Stage B uses `decoder_seed` when given (ComfyUI's
+second KSampler), else the Stage C seed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,24 +28,32 @@ from torch import nn
 
 from . import sampling
 from .errors import CascadeError, GenerationInterrupted
+from .image_inputs import PriorImageInputs
 from .request import GenerationRequest, StageSettings, validate
 
 log = logging.getLogger(__name__)
 
 PHASES = ("text_encoder", "prior", "decoder", "vqgan")
+# The components whose weights a phase's output depends on (where a NaN in its output can come from).
+PHASE_INPUTS = {"prior": ("text_encoder", "prior"), "decoder": ("text_encoder", "decoder"), "vqgan": ("vqgan",)}
 # Checkpoint part kinds -> pipeline component names (diffusers/SD.Next call Stage A "vqgan").
 COMPONENT_OF_PART = {"text_encoder": "text_encoder", "prior": "prior", "decoder": "decoder", "stage_a": "vqgan"}
 
 
 @dataclass
 class StepEvent:
-    """Reported after every sampling step; `latents` is the current denoised estimate (for live previews)."""
+    """Reported after every sampling step; `latents` is the current denoised estimate (for live previews).
+
+    `preview`: a PIL image of the first image's estimate on the steps `request.preview_every` asks for (else None);
+    hosts with their own preview settings call `CascadePipeline.preview(event, method)` instead.
+    """
 
     stage: str  # "prior" | "decoder"
     step: int  # 1-based
     total: int
     sigma: float
     latents: torch.Tensor
+    preview: Any = None
 
 
 @dataclass
@@ -164,6 +176,7 @@ class CascadePipeline:
         placement: Placement | None = None,
         sources=None,
         backend=None,
+        side_files=None,
     ):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
@@ -174,7 +187,61 @@ class CascadePipeline:
         self.placement = placement or Resident(self.device)
         self.sources = sources
         self.backend = backend
+        self.side_files = side_files  # cascade.side_parts.SideFiles: explicit encoder/previewer/CLIP vision files
+        self._side = None
         self._empty: Conditioning | None = None
+
+    @property
+    def side(self):
+        """The parts only some requests need (cascade.side_parts.SideParts), found and loaded on first use."""
+        if self._side is None:
+            from .side_parts import SideParts
+
+            # On an accelerator a part is on the device only while used (what the memory planner counts).
+            self._side = SideParts.for_pipeline(self.sources, self.side_files, self.device, self.backend)
+        return self._side
+
+    def require_parts(self, request: GenerationRequest) -> None:
+        """Fail before any work when a request needs a part nobody has (headers only)."""
+        from .side_parts import CLIP_VISION, EFFNET
+
+        if request.image is not None:
+            self.side.require(EFFNET)
+        if request.image_prompts and request.image_prompt_strength != 0:
+            self.side.require(CLIP_VISION)
+
+    @torch.inference_mode()
+    def encode_image_inputs(self, request: GenerationRequest) -> PriorImageInputs:
+        """Stage C's init latent and image-prompt conditioning (cascade.image_inputs); runs in whatever phase the
+        placement is in (after text encoding: the text encoder's), each side part on the device only meanwhile."""
+        from . import image_inputs
+        from .side_parts import CLIP_VISION, EFFNET
+
+        inputs = PriorImageInputs()
+        if request.image is not None:
+            with self.side.on_device(EFFNET) as encoder:
+                inputs.init = image_inputs.stage_c_init_latent(encoder, request.image, request.width, request.height,
+                                                               request.compression)
+            expected = tuple(request.prior_latent_shape()[1:])
+            if tuple(inputs.init.shape[1:]) != expected:
+                raise CascadeError(f"the Stage C encoder gave a latent of {list(inputs.init.shape[1:])}, the prior "
+                                   f"needs {list(expected)}: the encoder file does not fit this Stage C")
+        if request.image_prompts and request.image_prompt_strength != 0:
+            with self.side.on_device(CLIP_VISION) as vision:
+                inputs.clip_img = image_inputs.clip_image_embeddings(vision, request.image_prompts,
+                                                                     request.image_prompt_strength)
+        return inputs
+
+    def preview(self, event: StepEvent, method: str = "auto"):
+        """A PIL preview of a step's estimate: Stage C through the previewer when one is found (else, and for
+        Stage B, ComfyUI's latent-to-RGB factors); cascade.previews has the details."""
+        from . import previews
+        from .side_parts import PREVIEWER
+
+        if event.stage == "prior" and method != "rgb" and self.side.has(PREVIEWER):
+            with self.side.on_device(PREVIEWER) as previewer:
+                return previews.preview_image(event.latents, event.stage, previewer, method)
+        return previews.preview_image(event.latents, event.stage, None, "rgb" if method == "auto" else method)
 
     @property
     def components(self) -> dict[str, nn.Module]:
@@ -184,12 +251,22 @@ class CascadePipeline:
         self.placement.enter(phase, self.components)
 
     def _nan_guarded(self, phase: str, fn: Callable[[], torch.Tensor], warnings: list[str]) -> torch.Tensor:
-        """Run a UNet/VQGAN phase; NaN/inf out of fp16/bf16 re-runs it once in the backend's next safer dtype."""
+        """Run a UNet/VQGAN phase and check its output (prior latents, decoder latents, pixels) for NaN/inf.
+
+        In fp16/bf16 a bad output re-runs the phase once in the backend's next safer dtype; in fp32 (or when the
+        retry is bad too) it is a CascadeError naming the likely cause, never an image."""
+        from cascade_backends.nan_guard import NonFiniteOutput, dtype_name, has_non_finite, run_with_dtype_fallback
+
+        from .precision import explain_non_finite
+
         module = self.components[phase]
         dtype = next(module.parameters()).dtype
+        feeds = {name: self.components[name] for name in PHASE_INPUTS.get(phase, (phase,))}
         if self.backend is None or dtype not in (torch.float16, torch.bfloat16):
-            return fn()
-        from backends.nan_guard import NonFiniteOutput, run_with_dtype_fallback
+            result = fn()
+            if has_non_finite(result):
+                raise CascadeError(explain_non_finite(phase, dtype, feeds))
+            return result
 
         def run(target: torch.dtype) -> torch.Tensor:
             if next(module.parameters()).dtype != target:
@@ -198,8 +275,9 @@ class CascadePipeline:
 
         try:
             result, _, reason = run_with_dtype_fallback(run, dtype, self.backend, stage=phase, warn=log.warning)
-        except NonFiniteOutput as err:
-            raise CascadeError(f"{err}. The checkpoint may be damaged; try --dtype fp32 or download it again.") from None
+        except NonFiniteOutput:
+            retried = dtype_name(next(module.parameters()).dtype)
+            raise CascadeError(explain_non_finite(phase, dtype, feeds, retried if retried != dtype_name(dtype) else None)) from None
         if reason:
             warnings.append(reason)
         return result
@@ -253,25 +331,40 @@ class CascadePipeline:
         seeds: list[int],
         callback: Callable[[StepEvent], None] | None,
         interrupt: Callable[[], bool] | None,
+        init: torch.Tensor | None = None,
+        preview: Callable[[torch.Tensor], Any] | None = None,
+        preview_every: int = 0,
+        noise: str = "cpu",
     ) -> torch.Tensor:
+        """Sample one stage from noise, or from `init` (img2img: ComfyUI EPS.noise_scaling, noise * sigma0 + latent,
+        on the KSampler sigmas for the stage's denoise). `preview(denoised)` makes StepEvent.preview when due.
+
+        `seeds` are the images' seeds (seed + i); `noise` the mode (cascade.sampling.StageNoise): "cpu" gives image
+        i its own CPU generator for its initial and sampler noise, "comfyui" seeds the batch with seeds[0] as
+        ComfyUI's KSampler does, its sampler noise drawn on this pipeline's device (ComfyUI's load device).
+        """
+        from .previews import every
+
         sigmas = sampling.sigmas_for(settings.sampler, settings.scheduler, settings.steps, settings.shift, settings.denoise)
-        # One CPU generator per image: it draws the initial noise, then keeps going for ancestral/SDE noise, so
-        # the two are independent (ComfyUI re-seeds the ancestral noise with the same seed) and device-agnostic.
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
-        noise = sampling.noise_like(torch.zeros(shape, device=self.device), generators)
-        x = noise * sampling.initial_noise_scale(sigmas)
+        source = sampling.StageNoise(noise, seeds[0], len(seeds))
+        x = source.initial(shape, self.device) * sampling.initial_noise_scale(sigmas)
+        if init is not None:
+            x = x + init.to(x.device, x.dtype).expand_as(x)
         total = len(sigmas) - 1
+        due = every(preview_every if preview is not None else 0)
 
         def on_step(step: int, total_: int, sigma: torch.Tensor, x_: torch.Tensor, denoised: torch.Tensor) -> None:
             if callback is not None:
-                callback(StepEvent(stage, step + 1, total_, float(sigma), denoised))
+                image = preview(denoised) if due(step + 1, total_) else None
+                callback(StepEvent(stage, step + 1, total_, float(sigma), denoised, image))
             if interrupt is not None and interrupt():
                 raise GenerationInterrupted(f"interrupted during the {stage} stage at step {step + 1}/{total_}")
 
         if interrupt is not None and interrupt():
             raise GenerationInterrupted(f"interrupted before the {stage} stage")
         log.debug("%s: %d steps, sigmas %s", stage, total, [round(float(s), 4) for s in sigmas[:4]])
-        return sampling.sample(settings.sampler, denoiser, x, sigmas, generators, callback=on_step)
+        return sampling.sample(settings.sampler, denoiser, x, sigmas, callback=on_step,
+                               noise_sampler=source.sampler(settings.sampler, x, sigmas))
 
     # --- stages -------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -282,22 +375,37 @@ class CascadePipeline:
         uncond: Conditioning,
         callback: Callable[[StepEvent], None] | None = None,
         interrupt: Callable[[], bool] | None = None,
+        images: PriorImageInputs | None = None,
     ) -> torch.Tensor:
-        """Stage C: the 16-channel image embedding (B, 16, H//c, W//c), fp32."""
+        """Stage C: the 16-channel image embedding (B, 16, H//c, W//c), fp32.
+
+        `images` (from `encode_image_inputs`; computed here when not given) holds the img2img init latent and the
+        image-prompt `clip_img` for the conditional pass; the unconditional pass keeps zeros (ComfyUI unCLIP).
+        """
+        from .image_inputs import zero_clip_img
+
+        if images is None:
+            images = self.encode_image_inputs(request) if request.image is not None or request.image_prompts else None
         self._enter("prior")
         dtype = next(self.prior.parameters()).dtype
         shape = request.prior_latent_shape()
         img_dim = self.prior.config.clip_image_in_channels
-        clip_img = torch.zeros(shape[0], 1, img_dim, device=self.device, dtype=dtype)
+        clip_img = zero_clip_img(shape[0], img_dim, self.device, dtype)
+        cond_img = clip_img
+        if images is not None and images.clip_img is not None:
+            if images.clip_img.shape[-1] != img_dim:
+                raise CascadeError(f"the CLIP vision encoder gives {images.clip_img.shape[-1]}-wide embeddings, the "
+                                   f"prior takes {img_dim}: use the CLIP-L vision model (ViT-L/14) for image prompts")
+            cond_img = images.clip_img.to(self.device, dtype).repeat(shape[0], 1, 1)
 
-        def kwargs(c: Conditioning) -> dict[str, torch.Tensor]:
+        def kwargs(c: Conditioning, img: torch.Tensor) -> dict[str, torch.Tensor]:
             return {
                 "clip_text": c.hidden.to(self.device, dtype),
                 "clip_text_pooled": c.pooled.to(self.device, dtype),
-                "clip_img": clip_img,
+                "clip_img": img,
             }
 
-        cond_kw, uncond_kw = kwargs(cond), kwargs(uncond)
+        cond_kw, uncond_kw = kwargs(cond, cond_img), kwargs(uncond, clip_img)
         if request.prior.cfg != 1.0:
             from .text import match_sequence_lengths
 
@@ -305,7 +413,18 @@ class CascadePipeline:
             if matched is not None:
                 cond_kw["clip_text"], uncond_kw["clip_text"] = matched
         denoiser = cfg_denoiser(self.prior, cond_kw, uncond_kw, request.prior.cfg, request.cfg_rescale)
-        return self._sample_stage("prior", denoiser, request.prior, shape, request.seeds, callback, interrupt)
+        init = images.init if images is not None else None
+        if request.preview_every <= 0 or callback is None:
+            return self._sample_stage("prior", denoiser, request.prior, shape, request.seeds, callback, interrupt, init,
+                                      noise=request.noise)
+        from . import previews
+        from .side_parts import PREVIEWER
+
+        with contextlib.ExitStack() as stack:
+            previewer = stack.enter_context(self.side.on_device(PREVIEWER)) if self.side.has(PREVIEWER) else None
+            make = lambda d: previews.preview_image(d, "prior", previewer)  # noqa: E731
+            return self._sample_stage("prior", denoiser, request.prior, shape, request.seeds, callback, interrupt,
+                                      init, make, request.preview_every, noise=request.noise)
 
     @torch.inference_mode()
     def run_decoder(
@@ -317,7 +436,10 @@ class CascadePipeline:
         callback: Callable[[StepEvent], None] | None = None,
         interrupt: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
-        """Stage B: the 4-channel Stage A latent (B, 4, H/4, W/4) in model space, fp32."""
+        """Stage B: the 4-channel Stage A latent (B, 4, H/4, W/4) of the output size (`upscale` x), model space, fp32.
+
+        With `decoder_image`, sampling starts from its Stage A encoding (cascade.image_inputs.stage_b_init_latent).
+        """
         self._enter("decoder")
         dtype = next(self.decoder.parameters()).dtype
         shape = request.decoder_latent_shape()
@@ -329,7 +451,20 @@ class CascadePipeline:
         cond_kw = {"clip_text_pooled": cond.pooled.to(self.device, dtype), "effnet": effnet}
         uncond_kw = {"clip_text_pooled": uncond.pooled.to(self.device, dtype), "effnet": torch.zeros_like(effnet)}
         denoiser = cfg_denoiser(self.decoder, cond_kw, uncond_kw, request.decoder.cfg)
-        return self._sample_stage("decoder", denoiser, request.decoder, shape, request.seeds, callback, interrupt)
+        init = None
+        if request.decoder_image is not None:
+            from .image_inputs import stage_b_init_latent
+
+            width, height = request.output_size
+            init = stage_b_init_latent(self.stage_a, request.decoder_image, width, height, request.stage_a_scale,
+                                       overlap=8)
+        make = None
+        if request.preview_every > 0 and callback is not None:
+            from . import previews
+
+            make = lambda d: previews.preview_image(d, "decoder")  # noqa: E731
+        return self._sample_stage("decoder", denoiser, request.decoder, shape, request.decoder_seeds, callback,
+                                  interrupt, init, make, request.preview_every, noise=request.noise)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, scale: float) -> torch.Tensor:
@@ -356,6 +491,7 @@ class CascadePipeline:
         """Run one request end to end. `cond`/`uncond` let a host pass its own prompt encodings (one per prompt)."""
         validate(request)
         request = request.with_seed()
+        self.require_parts(request)
         timings: dict[str, float] = {}
         warnings: list[str] = []
         t0 = time.perf_counter()
@@ -368,8 +504,14 @@ class CascadePipeline:
         uncond = uncond if uncond.hidden.shape[0] == batch else uncond.repeat(batch // uncond.hidden.shape[0])
         timings["text"] = time.perf_counter() - t0
 
+        images = PriorImageInputs()
+        if request.image is not None or request.image_prompts:
+            t0 = time.perf_counter()
+            images = self._run_phase("text_encoder", lambda: self.encode_image_inputs(request), warnings)
+            timings["image_inputs"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        prior_latents = self._run_phase("prior", lambda: self.run_prior(request, cond, uncond, callback, interrupt), warnings)
+        prior_latents = self._run_phase(
+            "prior", lambda: self.run_prior(request, cond, uncond, callback, interrupt, images), warnings)
         timings["prior"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         latents = self._run_phase(
@@ -432,9 +574,18 @@ def _rescale_cfg(eps: torch.Tensor, eps_cond: torch.Tensor, rho: float) -> torch
     return rho * eps * ratio + (1 - rho) * eps
 
 
+def to_uint8(images: torch.Tensor):
+    """(B, 3, H, W) floats -> (B, H, W, 3) uint8 numpy, ComfyUI's conversion (nodes.py SaveImage:
+    ``np.clip(255. * image, 0, 255).astype(np.uint8)``, i.e. truncation in float32, not rounding), so the CLI,
+    SD.Next and ComfyUI write the same pixels for the same floats."""
+    import numpy as np
+
+    arr = images.detach().float().permute(0, 2, 3, 1).cpu().numpy()
+    return np.clip(255.0 * arr, 0, 255).astype(np.uint8)
+
+
 def to_pil(images: torch.Tensor) -> list:
-    """(B, 3, H, W) in [0, 1] -> PIL images (rounded, not truncated)."""
+    """(B, 3, H, W) in [0, 1] -> PIL images, through `to_uint8` (ComfyUI's truncation)."""
     from PIL import Image
 
-    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
+    return [Image.fromarray(a) for a in to_uint8(images)]

@@ -1,69 +1,68 @@
-"""The command-line generation job: request from flags, pipeline from files, progress bars, PNGs with infotext."""
+"""The command-line jobs: `generate` (request from flags, pipeline from `cascade.session`, progress, PNGs with
+infotext) and `plan` (the memory plan from headers or the shipped full-size table, no loading)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
-from .request import GenerationRequest, StageSettings, validate
+from .request import GenerationRequest, build_request, request_field_names, with_fields
+from .session import LoadEvent, PipelineSpec
+
+TINY_NOTICE = (
+    "No --prior/--decoder given: using the embedded TINY model with RANDOM weights (for testing the pipeline; "
+    "the image is noise-like). Pass --prior MAIN.safetensors --decoder DECODER.safetensors for real images."
+)
+COMPONENT_TITLES = {"text_encoder": "CLIP-G text encoder", "prior": "Stage C (prior)", "decoder": "Stage B (decoder)",
+                    "vqgan": "Stage A (VQGAN)"}
+IMAGE_FLAGS = {"image": "init image", "decoder_image": "decoder image"}
 
 
-def request_from_args(args: argparse.Namespace, prompt: str, negative: str) -> GenerationRequest:
-    from .sampling import resolve_sampler, resolve_scheduler
-
-    return GenerationRequest(
-        prompt=prompt,
-        negative_prompt=negative,
-        width=args.width,
-        height=args.height,
-        seed=args.seed,
-        batch_size=args.batch,
-        prior=StageSettings(
-            steps=args.prior_steps,
-            cfg=args.prior_cfg,
-            sampler=resolve_sampler(args.prior_sampler),
-            scheduler=resolve_scheduler(args.prior_scheduler),
-            shift=args.prior_shift,
-            denoise=args.denoise,
-        ),
-        decoder=StageSettings(
-            steps=args.decoder_steps,
-            cfg=args.decoder_cfg,
-            sampler=resolve_sampler(args.decoder_sampler),
-            scheduler=resolve_scheduler(args.decoder_scheduler),
-            shift=args.decoder_shift,
-        ),
-        compression=args.compression,
-        stage_a_scale=args.stage_a_scale,
-        cfg_rescale=args.cfg_rescale,
-    )
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} GB"
 
 
-class _Progress:
-    """One tqdm bar per stage, on stderr."""
+def _say(args: argparse.Namespace, text: str, end: str = "\n") -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr, end=end, flush=True)
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar = None
-        self.stage = None
 
-    def __call__(self, event) -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
+def spec_from_args(args: argparse.Namespace) -> PipelineSpec:
+    from .errors import CascadeError
 
-        if event.stage != self.stage:
-            self.close()
-            self.stage = event.stage
-            title = {"prior": "Stage C (prior)", "decoder": "Stage B (decoder)"}.get(event.stage, event.stage)
-            self.bar = tqdm(total=event.total, desc=title, unit="step", file=sys.stderr, leave=True)
-        self.bar.update(1)
+    from .memory import parse_size
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+    if args.vram is not None:
+        parse_size(args.vram)  # a bad budget is refused even where the plan would not need it (CPU residency)
+    if bool(args.prior) != bool(args.decoder):
+        raise CascadeError("Give both --prior (Stage C 'main' file) and --decoder (Stage B file), or neither for the "
+                           "tiny model.")
+    return PipelineSpec(prior=args.prior, decoder=args.decoder, text_encoder=args.text_encoder, stage_a=args.stage_a,
+                        device=args.device, dtype=args.dtype, offload=args.offload, vram=args.vram,
+                        stage_c_encoder=getattr(args, "stage_c_encoder", None),
+                        clip_vision=getattr(args, "clip_vision", None), previewer=getattr(args, "previewer", None))
+
+
+def request_from_args(args: argparse.Namespace) -> GenerationRequest:
+    """The request the flags describe (argparse dests are the request's flat field names), images opened and
+    checked, seeds made concrete so the output names are known before anything loads."""
+    from .images import load_image
+
+    fields = {name: getattr(args, name) for name in request_field_names() if hasattr(args, name)}
+    for name, what in IMAGE_FLAGS.items():
+        if fields.get(name) is not None:
+            fields[name] = load_image(fields[name], what)
+    fields["image_prompts"] = tuple(load_image(p, f"image prompt {i + 1}")
+                                    for i, p in enumerate(fields.get("image_prompts") or ()))
+    if getattr(args, "preview", None):
+        fields["preview_every"] = args.preview_every
+    return build_request(fields).with_seed()
 
 
 def output_paths(out: Path, seeds: list[int]) -> list[Path]:
@@ -72,50 +71,160 @@ def output_paths(out: Path, seeds: list[int]) -> list[Path]:
     return [out.with_name(f"{out.stem}-{seed}{out.suffix or '.png'}") for seed in seeds]
 
 
-def generate_to_files(args: argparse.Namespace) -> list[Path]:
-    from backends import select_backend
+class _Progress:
+    """Step bars per stage on stderr, the Stage A line after the last decoder step, and the live preview file."""
 
-    from . import presets, tiny
-    from .checkpoints import scan
-    from .engine import choose_dtypes, load_pipeline, parse_dtype
-    from .infotext import build_infotext, save_png, short_hash
-    from .loader import resolve_sources
-    from .memory import placement_for
+    def __init__(self, enabled: bool, preview: Path | None = None):
+        self.enabled = enabled
+        self.preview = preview
+        self.bar = None
+        self.stage = None
+        self.decode_started: float | None = None
+
+    def __call__(self, event) -> None:
+        if event.preview is not None and self.preview is not None:
+            from .atomic import atomic_write
+
+            atomic_write(self.preview, lambda f: event.preview.save(f, format="PNG"), what="preview", durable=False)
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if event.stage != self.stage:
+            self.close()
+            self.stage = event.stage
+            self.bar = tqdm(total=event.total, desc=COMPONENT_TITLES.get(event.stage, event.stage), unit="step",
+                            file=sys.stderr, leave=True)
+        self.bar.update(1)
+        if event.stage == "decoder" and event.step == event.total:
+            self.close()
+            print("Stage A (VQGAN): decoding to pixels...", file=sys.stderr, flush=True)
+            self.decode_started = time.perf_counter()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _load_reporter(args: argparse.Namespace):
+    def report(event: LoadEvent) -> None:
+        title = COMPONENT_TITLES.get(event.component, event.component)
+        dtype = str(event.dtype).removeprefix("torch.")
+        if event.seconds is None:
+            _say(args, f"loading {event.index}/{event.total} {title} ({human_bytes(event.nbytes)} {dtype})...", end="")
+        else:
+            _say(args, f" {event.seconds:.1f} s")
+
+    return report
+
+
+def _hash_bar(args: argparse.Namespace, name: str):
+    """A progress bar for the first hashing of a checkpoint (later runs read the cache and show nothing)."""
+    state = {}
+
+    def on_progress(done: int, total: int) -> None:
+        if args.quiet:
+            return
+        from tqdm import tqdm
+
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=f"hashing {name} (once, cached)", unit="B", unit_scale=True,
+                                file=sys.stderr, leave=False)
+        bar = state["bar"]
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return on_progress
+
+
+def checkpoint_names(session, args: argparse.Namespace) -> dict[str, str]:
+    """Infotext names and AutoV2 hashes of the two checkpoints (hashes cached by path, size and mtime)."""
+    from .infotext import short_hash
+    from .paths import hash_cache_file
+
+    names = session.model_names()
+    cache = hash_cache_file()
+    for key, path in (("prior_hash", session.prior_path), ("decoder_hash", session.decoder_path)):
+        names[key] = short_hash(path, cache, on_progress=_hash_bar(args, Path(path).name))
+    return names
+
+
+def _preset(args: argparse.Namespace, session) -> str | None:
+    from . import presets
+
+    if args.preset == "auto":
+        checkpoint = session.sources.prior_checkpoint
+        return presets.preset_for_checkpoint(checkpoint.metadata, session.prior_path.name)
+    return None if args.preset == "none" else args.preset
+
+
+def generate_to_files(args: argparse.Namespace) -> list[tuple[Path, int]]:
+    """Run `generate`: everything the user could have got wrong is checked before the first weight loads."""
+    from . import presets
+    from .infotext import build_infotext, check_output_target, save_png
     from .pipeline import to_pil
-    from .tensorfile import read_header
+    from .session import open_pipeline, select_backend
 
-    prior_path, decoder_path = (Path(args.prior), Path(args.decoder)) if args.prior else tiny.ensure_tiny_checkpoints()
-    preset = args.preset
-    if preset == "auto":
-        metadata = read_header(prior_path).metadata if prior_path.is_file() else {}
-        preset = presets.preset_for_checkpoint(metadata, prior_path.name)
-    prompt, negative = presets.apply_preset(None if preset in (None, "none") else preset, args.prompt, args.negative)
-
-    backend = select_backend(args.device)
-    request = request_from_args(args, prompt, negative).with_seed()
-    validate(request)
-    # Plan for exactly what will be loaded: the explicit text encoder / Stage A files and the --dtype.
-    sources = resolve_sources(prior_path, decoder_path, text_encoder=args.text_encoder, stage_a=args.stage_a)
-    dtype = parse_dtype(args.dtype)
-    placement = placement_for(args.offload, backend, prior_path, decoder_path, request, vram=args.vram,
-                              dtypes=choose_dtypes(backend, dtype), sources=sources)
-    pipe, report = load_pipeline(prior_path, decoder_path, backend=backend, dtype=dtype, placement=placement,
-                                 sources=sources)
-    for note in report.notes:
+    t_start = time.perf_counter()
+    spec = spec_from_args(args)
+    request = request_from_args(args)
+    targets = output_paths(Path(args.out), request.seeds)
+    for target in targets + ([Path(args.preview)] if getattr(args, "preview", None) else []):
+        check_output_target(target)
+    backend = select_backend(spec.device)
+    if spec.is_tiny:
+        print(TINY_NOTICE, file=sys.stderr)
+    session = open_pipeline(spec, backend=backend, request=request, on_load=_load_reporter(args))
+    for note in session.notes:
         print(f"note: {note}", file=sys.stderr)
-    progress = _Progress(enabled=not args.quiet)
+    preset = _preset(args, session)
+    prompt, negative = presets.apply_preset(preset, request.prompt, request.negative_prompt)
+    request = with_fields(request, prompt=prompt, negative_prompt=negative)
+
+    progress = _Progress(enabled=not args.quiet, preview=Path(args.preview) if getattr(args, "preview", None) else None)
     try:
-        result = pipe.generate(request, callback=progress)
+        result = session.pipeline.generate(request, callback=progress)
     finally:
         progress.close()
+    if progress.decode_started is not None:
+        _say(args, f"Stage A (VQGAN): {result.timings.get('vqgan', 0.0):.1f} s")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
-    hash_cache = tiny.cache_dir() / "hashes.json"
-    names = {"prior_name": scan(prior_path).name, "decoder_name": scan(decoder_path).name,
-             "prior_hash": short_hash(prior_path, hash_cache), "decoder_hash": short_hash(decoder_path, hash_cache)}
-    extra = {"Preset": preset} if preset not in (None, "none") else {}
-    extra["Offload"] = getattr(placement, "name", None)
+    names = checkpoint_names(session, args)
+    extra = {"Preset": preset} if preset else {}
+    extra["Offload"] = session.placement_name
     written = []
-    for image, seed, path in zip(to_pil(result.images), result.seeds, output_paths(Path(args.out), result.seeds)):
+    for image, seed, path in zip(to_pil(result.images), result.seeds, targets):
         text = build_infotext(result.request, seed, dtypes=result.dtypes, extra=extra, **names)
-        written.append(save_png(image, path, text))
+        written.append((save_png(image, path, text), seed))
+        _say(args, f"saved {path} (seed {seed}, {image.width}x{image.height})")
+    _say(args, f"done in {time.perf_counter() - t_start:.1f} s")
     return written
+
+
+def plan_for_args(args: argparse.Namespace):
+    """The plan `generate` would make for these flags: header sizes of the given files, or the official models'
+    from the shipped table; the dtypes `generate` would use on this device unless --dtype says otherwise."""
+    from .session import choose_dtypes, open_sources, plan_for_sizes, select_backend
+    from .sizing import full_size, sizes_from_sources
+
+    request = build_request(prompt="", width=args.width, height=args.height, batch_size=args.batch_size,
+                            compression=args.compression, prior_cfg=args.prior_cfg, decoder_cfg=args.decoder_cfg)
+    backend = select_backend(args.device)
+    dtypes = choose_dtypes(backend, args.dtype)
+    if args.prior or args.decoder:
+        _, _, sources = open_sources(spec_from_args(args))
+        sizes = sizes_from_sources(sources, dtypes)
+    else:
+        sizes = full_size(dtypes, args.variant, args.variant)
+    plan = plan_for_sizes(sizes, backend, request, args.offload, args.vram)
+    unets = f"Stage C {_dtype(dtypes['prior'])}, Stage B {_dtype(dtypes['decoder'])}"
+    why = "as given by --dtype" if args.dtype != "auto" else f"what generate uses on {backend.name}; --dtype to change"
+    return plan, f"weights: {unets}, text encoder {_dtype(dtypes['text_encoder'])} ({why})"
+
+
+def _dtype(dtype) -> str:
+    return {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}.get(str(dtype), str(dtype))

@@ -28,15 +28,17 @@ gets ``x`` in that dtype and ``sigma`` as a float32 ``(B,)`` tensor on ``x``'s d
 the UniPC ``B(h)`` coefficient recurrence is evaluated in float64 (it cancels catastrophically in float32; ComfyUI
 does the same) and the beta scheduler's quantiles are float64 Python (they only choose table indices).
 
-Randomness: all sampler noise comes from the caller's ``torch.Generator`` (or one generator per batch item), drawn
-on the CPU in float32 and then moved, so a seed gives the same image on every device.
+Randomness, two modes (``StageNoise``; the samplers take any k-diffusion style ``noise(sigma, sigma_next)``):
+    * ``"cpu"``: all noise comes from the caller's ``torch.Generator`` (or one generator per batch item), drawn
+      on the CPU in float32 and then moved, so a seed gives the same image on every device (``GeneratorNoise``).
+      SDE samplers get Brownian increments built from the generator: the joint law of what they ask for is
+      ComfyUI's (disjoint intervals independent N(0, 1), dpmpp_sde's nested sub-interval combined as Brownian
+      motion requires), the numbers are not.
+    * ``"comfyui"``: ComfyUI's numbers: initial noise as ``comfy/sample.py prepare_noise`` draws it, ancestral /
+      ddpm / lcm noise from its ``default_noise_sampler`` (its own generator on the sampling device, seed + 1 on
+      the CPU), SDE noise from its ``BrownianTreeNoiseSampler`` (torchsde, seeded with the seed, on the CPU).
 
 Deviations from ComfyUI (deliberate; everything else is meant to match it)
-    * SDE noise: ComfyUI's ``dpmpp_sde`` / ``dpmpp_2m_sde`` draw from a torchsde Brownian tree seeded from the seed;
-      here the Brownian increments are built from the generator instead. The joint law is identical for what
-      these samplers ask for (disjoint intervals are independent N(0, 1); dpmpp_sde's nested sub-interval is
-      combined as Brownian motion requires), but the numbers differ from ComfyUI's, as they already do for every
-      ancestral sampler because ComfyUI draws those on the device RNG.
     * ``uni_pc`` with a single step takes one first-order step; ComfyUI computes order 0 and returns the input noise.
     * ``uni_pc`` uses ``λ = -ln σ`` directly instead of ComfyUI's ``log(α) - 0.5·log(1-α²)`` detour (same value,
       without its float32 cancellation near σ = 0.001).
@@ -48,7 +50,6 @@ Deviations from ComfyUI (deliberate; everything else is meant to match it)
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -70,6 +71,12 @@ __all__ = [
     "sigmas_for",
     "initial_noise_scale",
     "noise_like",
+    "NOISE_MODES",
+    "NoiseSampler",
+    "GeneratorNoise",
+    "BrownianTreeNoise",
+    "StageNoise",
+    "comfyui_default_noise",
     "resolve_sampler",
     "resolve_scheduler",
     "sample",
@@ -82,6 +89,7 @@ StepCallback = Callable[[int, int, Tensor, Tensor, Tensor], None]
 
 COSINE_S = 0.008
 NUM_TIMESTEPS = 10000
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 _F32 = torch.float32
 
 
@@ -357,61 +365,12 @@ def initial_noise_scale(sigmas: Tensor | Sequence[float]) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # Name resolution
 # ---------------------------------------------------------------------------------------------------------------
-def _key(name: str) -> str:
-    return re.sub(r"[\s_\-]+", " ", str(name).strip().lower())
+# Names: one table for the CLI, SD.Next, the server and the infotext (cascade.names); re-exported here because
+# `cascade.sampling.resolve_sampler` is public.
+from .names import SAMPLERS as _SAMPLER_TABLE  # noqa: E402
+from .names import resolve_sampler, resolve_scheduler  # noqa: E402,F401
 
-
-_SAMPLER_ALIASES: dict[str, tuple[str, ...]] = {
-    "euler": ("euler", "k euler"),
-    "euler_ancestral": ("euler a", "euler ancestral", "k euler a", "k euler ancestral"),
-    "heun": ("heun", "k heun"),
-    "dpm_2": ("dpm 2", "dpm2", "k dpm 2"),
-    "dpmpp_2m": ("dpmpp 2m", "dpm++ 2m", "k dpmpp 2m"),
-    "dpmpp_2m_sde": ("dpmpp 2m sde", "dpm++ 2m sde", "k dpmpp 2m sde"),
-    "dpmpp_sde": ("dpmpp sde", "dpm++ sde", "k dpmpp sde"),
-    "ddpm": ("ddpm",),
-    "lcm": ("lcm", "k lcm"),
-    "uni_pc": ("uni pc", "unipc"),
-}
-SAMPLERS: tuple[str, ...] = tuple(_SAMPLER_ALIASES)
-_SCHEDULER_ALIASES: dict[str, tuple[str, ...]] = {
-    "normal": ("normal",),
-    "karras": ("karras",),
-    "exponential": ("exponential",),
-    "sgm_uniform": ("sgm uniform",),
-    "simple": ("simple",),
-    "beta": ("beta",),
-}
-
-
-def _lookup(aliases: dict[str, tuple[str, ...]]) -> dict[str, str]:
-    table = {_key(alias): canonical for canonical, names in aliases.items() for alias in names}
-    table.update({_key(canonical): canonical for canonical in aliases})
-    return table
-
-
-_SAMPLER_LOOKUP = _lookup(_SAMPLER_ALIASES)
-_SCHEDULER_LOOKUP = _lookup(_SCHEDULER_ALIASES)
-
-
-def _resolve(name: str, lookup: dict[str, str], kind: str, valid: tuple[str, ...], examples: str) -> str:
-    try:
-        return lookup[_key(name)]
-    except KeyError:
-        raise ValueError(
-            f"unknown {kind} {name!r}; valid {kind}s: {', '.join(valid)} (ComfyUI names, case-insensitive, or "
-            f"SD.Next/A1111 display names such as {examples})"
-        ) from None
-
-
-def resolve_sampler(name: str) -> str:
-    """Canonical sampler name for a ComfyUI or SD.Next/A1111 name ("DPM++ 2M" -> "dpmpp_2m"), case-insensitive."""
-    return _resolve(name, _SAMPLER_LOOKUP, "sampler", SAMPLERS, "'Euler a', 'DPM++ 2M', 'UniPC'")
-
-
-def resolve_scheduler(name: str) -> str:
-    """Canonical scheduler name for a ComfyUI or SD.Next name ("SGM Uniform" -> "sgm_uniform"), case-insensitive."""
-    return _resolve(name, _SCHEDULER_LOOKUP, "scheduler", SCHEDULERS, "'Karras', 'SGM Uniform'")
+SAMPLERS: tuple[str, ...] = tuple(_SAMPLER_TABLE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -445,6 +404,128 @@ def noise_like(x: Tensor, generator: Generators = None) -> Tensor:
     return noise.to(device=x.device, dtype=x.dtype)
 
 
+class GeneratorNoise:
+    """Noise from the caller's CPU generators (``noise_like``): the "cpu" mode, device-independent.
+
+    Every call draws fresh N(0, I), except one case that must be a Brownian increment of an earlier one: a call
+    whose interval encloses the previous call's interval and shares its upper end (dpmpp_sde's second stage asks
+    for [σ', σ] after [σ_s, σ]). That increment is built from the earlier draw z1 and one fresh draw z2 as Brownian
+    motion requires: n = (z1·sqrt(σ - σ_s) + z2·sqrt(σ_s - σ')) / sqrt(σ - σ'), so the pair has the covariance
+    of ComfyUI's Brownian tree (not its numbers).
+    """
+
+    def __init__(self, x: Tensor, generator: Generators = None) -> None:
+        _generator_list(generator, x.shape[0])
+        self.x, self.generator = x, generator
+        self._last: tuple[Tensor, Tensor, Tensor] | None = None  # (upper, lower, unit noise) of the previous call
+
+    def __call__(self, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+        upper, lower = (sigma, sigma_next) if sigma >= sigma_next else (sigma_next, sigma)
+        last = self._last
+        if last is not None and bool(last[0] == upper) and bool(lower < last[1]):
+            z1, middle = last[2], last[1]
+            z2 = noise_like(self.x, self.generator)
+            noise = (z1 * _f((upper - middle).sqrt()) + z2 * _f((middle - lower).sqrt())) / _f((upper - lower).sqrt())
+        else:
+            noise = noise_like(self.x, self.generator)
+        self._last = (upper, lower, noise)
+        return noise
+
+
+def comfyui_default_noise(x: Tensor, seed: int) -> NoiseSampler:
+    """ComfyUI's ``default_noise_sampler(x, seed)`` (comfy/k_diffusion/sampling.py), which its ancestral samplers,
+    ddpm and lcm use: a generator of its own on x's device, seeded with the KSampler seed (seed + 1 on the CPU,
+    so the CPU stream differs from the initial noise's), drawing ``randn(x.size())`` in x's dtype on x's device at
+    every call, whatever the interval."""
+    device = x.device
+    value = seed + 1 if device.type == "cpu" else seed
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"seed {seed}: ComfyUI's CPU noise sampler seeds seed + 1, which passes 2^64-1 (ComfyUI "
+                         "fails there too); use a smaller seed")
+    generator = torch.Generator(device=device).manual_seed(value)
+
+    def draw(sigma: Tensor, sigma_next: Tensor) -> Tensor:
+        return torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=device, generator=generator)
+
+    return draw
+
+
+class BrownianTreeNoise:
+    """ComfyUI's ``BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=seed, cpu=True)`` with its
+    ``BatchedBrownianTree`` (comfy/k_diffusion/sampling.py), the noise of its dpmpp_sde / dpmpp_2m_sde.
+
+    One ``torchsde.BrownianTree(t0, w0, t1, entropy=seed)`` for the whole batch (an int seed: not one tree per
+    image), on the CPU with t0 = σ_min (the smallest positive sigma) < t1 = σ_max and w0 = zeros like x; a query
+    (σ, σ') returns sign·(W(max) - W(min)) / sqrt(|σ' - σ|), moved to x's device, float32 like the sigmas.
+    torchsde is imported here only: the other samplers never need it.
+    """
+
+    def __init__(self, x: Tensor, sigma_min: float | Tensor, sigma_max: float | Tensor, seed: int) -> None:
+        import torchsde
+
+        t0, t1 = _f32(torch.as_tensor(sigma_min)).cpu(), _f32(torch.as_tensor(sigma_max)).cpu()
+        t0, t1, self.sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
+        w0 = torch.zeros_like(x).detach().cpu()
+        self.tree = torchsde.BrownianTree(t0, w0, t1, entropy=seed)
+        self.device, self.dtype = x.device, x.dtype
+
+    def __call__(self, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+        a, b = _f32(torch.as_tensor(sigma)).cpu(), _f32(torch.as_tensor(sigma_next)).cpu()
+        lo, hi, sign = (a, b, 1) if a < b else (b, a, -1)
+        w = self.tree(lo, hi).to(device=self.device, dtype=_F32) * (self.sign * sign)
+        return (w / (b - a).abs().sqrt().to(self.device)).to(self.dtype)
+
+
+NOISE_MODES: tuple[str, ...] = ("cpu", "comfyui")
+SDE_SAMPLERS = frozenset({"dpmpp_2m_sde", "dpmpp_sde"})  # Brownian-tree noise in ComfyUI
+
+
+class StageNoise:
+    """All the randomness of one stage's sampling, for a batch that starts at `seed`.
+
+    ``"cpu"``: image i's initial noise is drawn from its own CPU generator seeded ``seed + i``, and that generator
+    goes on to draw its sampler noise (``GeneratorNoise``): a seed gives the same image on every device, and image
+    i of a batch equals a single run at seed + i.
+    ``"comfyui"``: exactly what ComfyUI's KSampler draws for its `seed`: the initial noise of the whole batch from
+    one CPU generator seeded with the seed (comfy/sample.py ``prepare_noise``, no ``batch_index``: one
+    ``randn`` of the batch's shape, float32); ancestral / ddpm / lcm noise from ``comfyui_default_noise`` on the
+    sampler state's device; dpmpp_sde / dpmpp_2m_sde from ``BrownianTreeNoise`` over the stage's sigmas.
+    """
+
+    def __init__(self, mode: str, seed: int, batch_size: int) -> None:
+        if mode not in NOISE_MODES:
+            raise ValueError(f"unknown noise mode {mode!r}; use one of: {', '.join(NOISE_MODES)}")
+        self.mode, self.seed, self.batch_size = mode, int(seed), int(batch_size)
+        self.generators = None
+        if mode == "cpu":
+            self.generators = [torch.Generator().manual_seed(self.seed + i) for i in range(self.batch_size)]
+
+    def initial(self, shape: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+        """Unit initial noise of `shape` (batch first), float32 on `device`."""
+        shape = tuple(shape)
+        if shape[0] != self.batch_size:
+            raise ValueError(f"noise for a batch of {self.batch_size} asked for shape {shape}")
+        if self.mode == "cpu":
+            return noise_like(torch.empty(shape, device=device), self.generators)
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.randn(shape, generator=generator, dtype=_F32, device="cpu").to(device)
+
+    def sampler(self, sampler: str, x: Tensor, sigmas: Tensor) -> NoiseSampler | None:
+        """The noise sampler `sampler` draws from for state `x` along `sigmas` (None for deterministic ones)."""
+        name = resolve_sampler(sampler)
+        if name not in _STOCHASTIC:
+            return None
+        if self.mode == "cpu":
+            return GeneratorNoise(x, self.generators)
+        if name in SDE_SAMPLERS:
+            sigmas = torch.as_tensor(sigmas).detach().to(device="cpu", dtype=_F32).reshape(-1)
+            positive = sigmas[sigmas > 0]
+            if len(positive) == 0:
+                return None
+            return BrownianTreeNoise(x, positive.min(), sigmas.max(), self.seed)
+        return comfyui_default_noise(x, self.seed)
+
+
 class _Model:
     """Calls the caller's denoiser with a float32 (B,) sigma on x's device and returns x0 in x's dtype."""
 
@@ -456,7 +537,10 @@ class _Model:
         return self.denoiser(x, sigma_in).to(self.dtype)
 
 
-Noise = Callable[[], Tensor]
+NoiseSampler = Callable[[Tensor, Tensor], Tensor]
+"""k-diffusion's noise-sampler protocol: ``noise(sigma, sigma_next)`` -> unit noise shaped like x for the step
+σ -> σ' (the interval lets a Brownian tree answer consistently; generator-backed samplers may ignore it)."""
+Noise = NoiseSampler  # the samplers' parameter type (older name)
 Report = Callable[[int, Tensor, Tensor], None] | None
 
 
@@ -504,7 +588,7 @@ def sample_euler_ancestral(model: _Model, x: Tensor, sigmas: Tensor, noise: Nois
             x = denoised
         else:
             d = (x - denoised) / _f(sigma)
-            x = x + d * _f(sigma_down - sigma) + noise() * _f(sigma_up)
+            x = x + d * _f(sigma_down - sigma) + noise(sigma, sigma_next) * _f(sigma_up)
         _report(callback, i, x, denoised)
     return x
 
@@ -603,7 +687,7 @@ def sample_dpmpp_2m_sde(
                 r = h_last / h
                 x = x + (denoised - old_denoised) * _f(0.5 * phi / r)
             if eta > 0:
-                x = x + noise() * _f(sigma_next * (-torch.expm1(-2 * eta_h)).sqrt())
+                x = x + noise(sigma, sigma_next) * _f(sigma_next * (-torch.expm1(-2 * eta_h)).sqrt())
             h_last = h
         old_denoised = denoised
         _report(callback, i, x, denoised)
@@ -620,9 +704,9 @@ def sample_dpmpp_sde(
     prediction (1 - 1/2r)·D + (1/2r)·D_s. Each ancestral step moves to σ_down by DPM-Solver++(1),
     x' = (σ_down/σ)·x - expm1(ln σ_down - ln σ)·D, then adds σ_up of noise.
 
-    The two noises are Brownian increments over [σ_s, σ] and the enclosing [σ', σ] (what ComfyUI's Brownian tree
-    returns), built from two independent draws: z1 on [σ_s, σ], z2 on [σ', σ_s], and
-    n2 = (z1·sqrt(σ - σ_s) + z2·sqrt(σ_s - σ')) / sqrt(σ - σ').
+    The two noises are the normalised Brownian increments over [σ_s, σ] and the enclosing [σ', σ], asked of the
+    noise sampler in that order (ComfyUI's call order): a Brownian tree answers both consistently, and
+    ``GeneratorNoise`` builds the second from the first plus one fresh draw.
     """
     fac = 1 / (2 * r)
     for i in range(len(sigmas) - 1):
@@ -635,19 +719,14 @@ def sample_dpmpp_sde(
             sigma_s = (-(t + r * (t_next - t))).exp()
 
             sigma_down, sigma_up = _ancestral_step(sigma, sigma_s)
-            z1 = noise()
             x_2 = x * _f(sigma_down / sigma) - denoised * _f(torch.expm1(sigma_down.log() - sigma.log()))
-            x_2 = x_2 + z1 * _f(sigma_up)
+            x_2 = x_2 + noise(sigma, sigma_s) * _f(sigma_up)
             denoised_2 = model(x_2, sigma_s)
 
             sigma_down, sigma_up = _ancestral_step(sigma, sigma_next)
             denoised_d = denoised * (1 - fac) + denoised_2 * fac
             x = x * _f(sigma_down / sigma) - denoised_d * _f(torch.expm1(sigma_down.log() - sigma.log()))
-            z2 = noise()
-            n2 = (z1 * _f((sigma - sigma_s).sqrt()) + z2 * _f((sigma_s - sigma_next).sqrt())) / _f(
-                (sigma - sigma_next).sqrt()
-            )
-            x = x + n2 * _f(sigma_up)
+            x = x + noise(sigma, sigma_next) * _f(sigma_up)
         _report(callback, i, x, denoised)
     return x
 
@@ -671,7 +750,7 @@ def sample_ddpm(model: _Model, x: Tensor, sigmas: Tensor, noise: Noise, callback
         x = (x_vp - eps * _f((1 - alpha) / (1 - alpha_cumprod).sqrt())) * _f((1.0 / alpha).sqrt())
         if sigma_next > 0:
             std = ((1 - alpha) * (1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod)).sqrt()
-            x = x + noise() * _f(std)
+            x = x + noise(sigma, sigma_next) * _f(std)
         if sigma_next != 0:
             x = x * _f(torch.sqrt(1.0 + sigma_next**2.0))
         _report(callback, i, x, denoised)
@@ -686,7 +765,7 @@ def sample_lcm(model: _Model, x: Tensor, sigmas: Tensor, noise: Noise, callback:
         denoised = model(x, sigmas[i])
         x = denoised
         if sigma_next > 0:
-            x = x + noise() * _f(sigma_next)
+            x = x + noise(sigmas[i], sigma_next) * _f(sigma_next)
         _report(callback, i, x, denoised)
     return x
 
@@ -801,11 +880,13 @@ def sample(
     generator: Generators = None,
     *,
     callback: StepCallback | None = None,
+    noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """Run `sampler` from state `x` (already scaled noise + latent) along `sigmas`; returns the final x.
 
     ``denoiser(x, sigma) -> x0`` receives x in x's dtype and sigma as a float32 (B,) tensor on x's device. Sampler
-    noise comes only from `generator` (see ``noise_like``). ``callback(step, total, sigma, x, denoised)`` runs after
+    noise comes from `noise_sampler` (k-diffusion style ``noise(sigma, sigma_next)``; ``StageNoise.sampler`` makes
+    ComfyUI's), else from `generator` (``GeneratorNoise``, see ``noise_like``). ``callback(step, total, sigma, x, denoised)`` runs after
     every step with sigma = sigmas[step] (where `denoised` was predicted) and x the new state; an exception raised
     by it propagates and ends sampling (interrupts).
     """
@@ -824,4 +905,5 @@ def sample(
 
     if name in _DETERMINISTIC:
         return _DETERMINISTIC[name](model, x, sigmas, callback=report)
-    return _STOCHASTIC[name](model, x, sigmas, lambda: noise_like(x, generator), callback=report)
+    noise = noise_sampler if noise_sampler is not None else GeneratorNoise(x, generator)
+    return _STOCHASTIC[name](model, x, sigmas, noise, callback=report)

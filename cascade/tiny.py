@@ -11,7 +11,6 @@ widths match no official variant, so each file carries its configs in the safete
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,11 @@ import torch
 from torch import nn
 
 from . import configs
-from .checkpoints import DECODER, METADATA_CONFIG, PRIOR, STAGE_A, TEXT_ENCODER
+from .checkpoints import CLIP_VISION, DECODER, EFFNET, METADATA_CONFIG, PREVIEWER, PRIOR, STAGE_A, TEXT_ENCODER
 from .keymaps import unet_keys_for_layout
 from .tensorfile import write_safetensors
 
-FORMAT_VERSION = "1"  # bump when the tiny configs or layouts change, so caches are rebuilt
+FORMAT_VERSION = "2"  # bump when the tiny configs or layouts change, so caches are rebuilt
 
 TINY_PRIOR = {
     **configs.PRIOR,
@@ -55,16 +54,30 @@ TINY_TEXT_ENCODER = {
     "num_attention_heads": 2,
 }
 TINY_STAGE_A = {**configs.STAGE_A, "embed_dim": 32, "bottleneck_blocks": 1}
-TINY_CONFIGS = {PRIOR: TINY_PRIOR, DECODER: TINY_DECODER, TEXT_ENCODER: TINY_TEXT_ENCODER, STAGE_A: TINY_STAGE_A}
-
-# Placeholders with the real key names for the parts we list but never load (Stage C coder, CLIP vision).
-_EXTRAS_C = {
-    "vae.encoder.backbone.0.0.weight": (8, 3, 3, 3),
-    "vae.encoder.mapper.0.weight": (16, 8, 1, 1),
-    "vae.previewer.blocks.0.weight": (8, 16, 1, 1),
-    "clip_l_vision.vision_model.embeddings.class_embedding": (16,),
-    "clip_l_vision.visual_projection.weight": (8, 16),
+# The parts only some requests load (cascade.side_parts), with the real key layouts at a few channels: an
+# EfficientNetV2 of one block per stage (still /32), a 16-wide previewer, a 2-layer CLIP vision tower at 56 px whose
+# projection matches the prior's clip_img width.
+TINY_EFFNET = {
+    "stages": [["fused", 1, 3, 1, 8, 8, 1], ["fused", 4, 3, 2, 8, 16, 1], ["fused", 4, 3, 2, 16, 16, 1],
+               ["mb", 4, 3, 2, 16, 24, 1], ["mb", 6, 3, 1, 24, 24, 2], ["mb", 6, 3, 2, 24, 32, 1]],
+    "last_channel": 32,
+    "latent_channels": 16,
 }
+TINY_PREVIEWER = {"c_in": 16, "c_hidden": 16, "c_out": 3}
+TINY_CLIP_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "projection_dim": TINY_PRIOR["clip_image_in_channels"],
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_channels": 3,
+    "image_size": 56,
+    "patch_size": 14,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
+TINY_CONFIGS = {PRIOR: TINY_PRIOR, DECODER: TINY_DECODER, TEXT_ENCODER: TINY_TEXT_ENCODER, STAGE_A: TINY_STAGE_A,
+                EFFNET: TINY_EFFNET, PREVIEWER: TINY_PREVIEWER, CLIP_VISION: TINY_CLIP_VISION}
 
 
 @dataclass
@@ -75,6 +88,12 @@ class TinyModels:
     decoder: nn.Module
     text_encoder: nn.Module
     stage_a: nn.Module
+    side: dict[str, nn.Module] | None = None  # effnet / previewer / clip_vision; built on first use if None
+
+    def side_models(self) -> dict[str, nn.Module]:
+        if self.side is None:
+            self.side = build_tiny_side_models()
+        return self.side
 
     def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
         return {
@@ -109,7 +128,53 @@ def build_tiny_models(seed: int = 0) -> TinyModels:
             module.eval().requires_grad_(False)
     finally:
         torch.random.set_rng_state(gen_state)
+    models.side = build_tiny_side_models(seed)
     return models
+
+
+def build_tiny_side_models(seed: int = 0) -> dict[str, nn.Module]:
+    """The tiny encoder, previewer and CLIP vision, seeded. Random BatchNorm statistics would wash the image out of
+    a random network, so every BatchNorm gets the statistics of its input over a fixed batch of smooth random
+    pictures (previewer: random latents), as a trained network has: the encoder's latents then vary with the image
+    and have about zero mean and unit variance ("normalize them to have mean 0 and std 1", ComfyUI
+    stage_c_coder.py)."""
+    from .models.clip_vision import build_clip_vision
+    from .models.stage_c_coder import Previewer, StageCEncoder
+
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed + 1000)
+    try:
+        side = {EFFNET: StageCEncoder(TINY_EFFNET), PREVIEWER: Previewer(TINY_PREVIEWER),
+                CLIP_VISION: build_clip_vision(TINY_CLIP_VISION)}
+        gen = torch.Generator().manual_seed(seed)
+        pictures = torch.nn.functional.interpolate(torch.rand(16, 3, 6, 6, generator=gen), size=(128, 128),
+                                                   mode="bicubic", align_corners=False).clamp(0, 1) * 2 - 1
+        latents = torch.randn(16, TINY_PREVIEWER["c_in"], 8, 8, generator=gen)
+        for module, batch in ((side[EFFNET], pictures), (side[PREVIEWER], latents)):
+            norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+            for norm in norms:
+                norm.reset_running_stats()
+                norm.momentum = None  # cumulative: one pass gives the batch statistics
+            module.train()
+            with torch.no_grad():
+                module(batch)
+            for norm in norms:
+                norm.momentum = 0.1
+        for module in side.values():
+            module.eval().requires_grad_(False)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return side
+
+
+def _side_tensors(models: TinyModels, kind: str, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A side part's tensors under `prefix`; the encoder's mean/std included as ComfyUI saves them (parameters)."""
+    module = models.side_models()[kind]
+    state = dict(module.state_dict())
+    if kind == EFFNET:
+        state |= {"mean": module.mean, "std": module.std}
+    return {prefix + k: (t.to(dtype) if t.is_floating_point() else t) for k, t in state.items()
+            if not k.endswith("position_ids")}
 
 
 def _metadata(*kinds: str) -> dict[str, str]:
@@ -155,7 +220,8 @@ def _stage_a_tensors(state: dict[str, torch.Tensor], prefix: str, dtype: torch.d
 
 def write_comfyui_stage_c(path: Path, models: TinyModels, *, dtype=torch.float16, projection: str = "bare",
                           extras: bool = True, text_encoder: bool = True, extra_tensors: dict | None = None) -> Path:
-    """A ComfyUI all-in-one Stage C file: UNet + CLIG-G (+ Stage C coder and CLIP vision placeholders)."""
+    """A ComfyUI all-in-one Stage C file: UNet + CLIG-G (+ Stage C encoder/previewer under `vae.` and CLIP vision
+    under `clip_l_vision.`, with `extras`)."""
     sd = models.state_dicts()
     tensors = _unet_tensors(sd[PRIOR], "comfyui", PRIOR, "model.diffusion_model.", dtype)
     kinds = [PRIOR]
@@ -163,8 +229,10 @@ def write_comfyui_stage_c(path: Path, models: TinyModels, *, dtype=torch.float16
         tensors |= _text_encoder_tensors(sd[TEXT_ENCODER], "text_encoder.clip_g.transformer.", dtype, projection)
         kinds.append(TEXT_ENCODER)
     if extras:
-        gen = torch.Generator().manual_seed(1)
-        tensors |= {k: torch.randn(s, generator=gen).to(dtype) for k, s in _EXTRAS_C.items()}
+        tensors |= _side_tensors(models, EFFNET, "vae.encoder.", dtype)
+        tensors |= _side_tensors(models, PREVIEWER, "vae.previewer.", dtype)
+        tensors |= _side_tensors(models, CLIP_VISION, "clip_l_vision.", dtype)
+        kinds += [EFFNET, PREVIEWER, CLIP_VISION]
     tensors |= extra_tensors or {}
     write_safetensors(path, tensors, _metadata(*kinds))
     return path
@@ -190,6 +258,16 @@ def write_stability_unet(path: Path, models: TinyModels, stage: str, *, dtype=to
     return path
 
 
+def write_side_part_file(path: Path, models: TinyModels, kind: str, *, dtype=torch.float32) -> Path:
+    """A side part as its own file: Stability's effnet_encoder.safetensors / previewer.safetensors (bare
+    `backbone.*`+`mapper.*` / `blocks.*`, no mean/std) or a Hugging Face CLIPVisionModelWithProjection file."""
+    tensors = _side_tensors(models, kind, "", dtype)
+    if kind == EFFNET:
+        tensors = {k: v for k, v in tensors.items() if k not in ("mean", "std")}
+    write_safetensors(path, tensors, _metadata(kind))
+    return path
+
+
 def write_text_encoder_side_file(path: Path, models: TinyModels, *, dtype=torch.float16) -> Path:
     """kohya `<name>_text_model.safetensors` / OneTrainer `<name>_text_encoder.safetensors` (plain HF keys)."""
     tensors = _text_encoder_tensors(models.state_dicts()[TEXT_ENCODER], "", dtype, "linear")
@@ -205,8 +283,9 @@ def write_stage_a(path: Path, models: TinyModels, *, dtype=torch.float32) -> Pat
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
+    from .atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2), durable=False)
 
 
 def write_diffusers_folders(root: Path, models: TinyModels, *, dtype=torch.bfloat16) -> tuple[Path, Path]:
@@ -239,20 +318,20 @@ def write_diffusers_folders(root: Path, models: TinyModels, *, dtype=torch.bfloa
     return prior_dir, decoder_dir
 
 
-def cache_dir() -> Path:
-    """Where generated tiny checkpoints are kept: $CASCADE_CACHE_DIR, else $XDG_CACHE_HOME/sd-cascade."""
-    if os.environ.get("CASCADE_CACHE_DIR"):
-        return Path(os.environ["CASCADE_CACHE_DIR"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "sd-cascade"
-
-
 def ensure_tiny_checkpoints(folder: Path | None = None, seed: int = 0) -> tuple[Path, Path]:
     """The tiny ComfyUI Stage C ('main') and Stage B ('decoder') files, written once and then reused."""
+    from .paths import cache_dir
+
     folder = Path(folder) if folder else cache_dir() / f"tiny-v{FORMAT_VERSION}-seed{seed}"
     prior, decoder = folder / "tiny_cascade_stage_c.safetensors", folder / "tiny_cascade_stage_b.safetensors"
-    if not (prior.is_file() and decoder.is_file()):
-        models = build_tiny_models(seed)
-        write_comfyui_stage_c(prior, models)
-        write_comfyui_stage_b(decoder, models)
+    if prior.is_file() and decoder.is_file():  # each file is published by an atomic rename: complete if present
+        return prior, decoder
+    from .atomic import file_lock
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder):  # concurrent first runs: one builds, the others wait and then reuse its files
+        if not (prior.is_file() and decoder.is_file()):
+            models = build_tiny_models(seed)
+            write_comfyui_stage_c(prior, models)
+            write_comfyui_stage_b(decoder, models)
     return prior, decoder

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from cascade.pipeline import StepEvent
-from cascade.request import default_decoder
+from cascade.request import default_decoder, default_prior
 
 from . import params
 from .errors import CascadeHostError, host_error
@@ -37,6 +37,16 @@ def request_value(p: Any, key: str) -> Any:
     if value is None:
         value = shared.opts.data.get(key)
     return value
+
+
+def _report_seeds(p: Any, seeds: list[int]) -> None:
+    """Write the seeds used back into p (this batch's slice of all_seeds), where SD.Next's infotext and response
+    read them (modules/processing_info.py create_infotext, Processed.all_seeds)."""
+    p.seeds = list(seeds)
+    all_seeds = getattr(p, "all_seeds", None)
+    if isinstance(all_seeds, list):
+        start = int(getattr(p, "iteration", 0) or 0) * int(getattr(p, "batch_size", len(seeds)) or len(seeds))
+        all_seeds[start:start + len(seeds)] = seeds
 
 
 class SdnextHost(PipelineHost):
@@ -67,19 +77,26 @@ class SdnextHost(PipelineHost):
     def _preprocess(self, p: Any, args: dict[str, Any]) -> None:
         self._check_offload_mode()
         settings = params.resolve_settings(lambda key: request_value(p, key))
-        prior = params.prior_stage(args.get("prior_num_inference_steps", p.steps),
-                                   args.get("prior_guidance_scale", p.cfg_scale), p.sampler_name, settings)
-        decoder_cfg = args.get("decoder_guidance_scale")
-        if decoder_cfg is None:
-            decoder_cfg = default_decoder().cfg
+        params.check_requested_size(args.get("width", getattr(p, "width", None)),
+                                    args.get("height", getattr(p, "height", None)),
+                                    getattr(p, params.REQUESTED_SIZE_ATTR, None))
+        # SD.Next passes a CFG only when it is > -1; read p's field otherwise, so -1 means the default and -5 is refused.
+        prior_cfg = params.sdnext_cfg(args.get("prior_guidance_scale", getattr(p, "cfg_scale", None)),
+                                      default_prior().cfg, "CFG scale (cfg_scale)")
+        decoder_cfg = params.sdnext_cfg(args.get("decoder_guidance_scale", getattr(p, "cfg_image", None)),
+                                        default_decoder().cfg, "decoder CFG (cfg_image, 'Refine guidance')")
+        prior = params.prior_stage(args.get("prior_num_inference_steps", p.steps), prior_cfg, p.sampler_name, settings)
         decoder = params.decoder_stage(args.get("num_inference_steps", p.refiner_steps), decoder_cfg, settings)
         args.update(
             prior_sampler=prior.sampler, prior_scheduler=prior.scheduler, prior_shift=prior.shift,
+            prior_guidance_scale=prior.cfg,
             decoder_sampler=decoder.sampler, decoder_scheduler=decoder.scheduler, decoder_shift=decoder.shift,
             decoder_guidance_scale=decoder.cfg, compression=settings.compression, stage_a_scale=settings.stage_a_scale,
         )
+        p.cfg_scale = prior.cfg  # the response's info reports the CFG used, not the UI's -1
         if getattr(p, "seeds", None):
-            args["seeds"] = [int(s) for s in p.seeds]
+            args["seeds"] = params.resolve_seeds(p.seeds)
+            _report_seeds(p, args["seeds"])
         for key in _SDNEXT_CALLBACKS:
             args.pop(key, None)
         # The engine encodes the prompt text itself (README, "SD.Next"); SD.Next passes embeddings instead of text when
@@ -114,3 +131,32 @@ class SdnextHost(PipelineHost):
 
         if shared.state.skipped and not shared.state.interrupted:
             shared.state.skipped = False
+
+
+# --- the device SD.Next chose ---------------------------------------------------------------------------------------
+# SD.Next's backend names (`modules.devices.backend`, from its launcher's --use-* flags) -> the device layer's names.
+# DirectML is not supported: torch-directml is end-of-life.
+SDNEXT_BACKENDS = {"ipex": "xpu", "xpu": "xpu", "cuda": "cuda", "zluda": "cuda", "rocm": "rocm", "mps": "mps",
+                   "cpu": "cpu", "openvino": "openvino"}
+
+
+def sdnext_backend(devices: Any, **kwargs: Any):
+    """The engine's Backend for the device SD.Next chose (`modules.devices`: `.device` and `.backend`), built from
+    that choice without probing torch.cuda (SD.Next aliases it to torch.xpu on Intel Arc). `kwargs` go to
+    `cascade_backends.backend_from_torch_device` (ov_device, and the stand-ins tests pass)."""
+    from cascade_backends import BackendUnavailable, backend_from_torch_device
+
+    given = getattr(devices, "backend", None)
+    name = None
+    if given is not None:
+        key = str(given).lower()
+        if key == "directml":
+            raise BackendUnavailable("SD.Next's DirectML backend is not supported (torch-directml is end-of-life); "
+                                     "use ROCm/ZLUDA on AMD, or OpenVINO/XPU on Intel")
+        if key not in SDNEXT_BACKENDS:
+            raise BackendUnavailable(f"unknown SD.Next backend {given!r}; supported: {', '.join(SDNEXT_BACKENDS)}")
+        name = SDNEXT_BACKENDS[key]
+    backend = backend_from_torch_device(devices.device, backend_name=name, **kwargs)
+    if given is not None:
+        backend.reasons.insert(1, f"SD.Next backend {given!r} is the device layer's {name!r}")
+    return backend

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cascade.checkpoints import Checkpoint, describe, scan
-from cascade.errors import CascadeError
+from cascade.checkpoints import Checkpoint, describe, printable, scan
+from cascade.errors import CascadeError, CorruptFileError, PickleRefusedError
 from cascade.tensorfile import PICKLE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class FileEntry:
     error: str | None = None
 
     def as_json(self, root: Path) -> dict[str, Any]:
-        out: dict[str, Any] = {"file": _rel(self.path, root), "role": self.role, "title": self.title}
+        out: dict[str, Any] = {"file": printable(_rel(self.path, root), 400), "role": self.role, "title": self.title}
         if self.checkpoint is not None:
             info = describe(self.checkpoint)
             out["parts"] = info["parts"]
@@ -101,6 +101,11 @@ def _lexical(path: Path) -> Path:
     return Path(os.path.normpath(path.absolute()))
 
 
+def _shown(path: Path, root: Path) -> str:
+    """A file's folder-relative name as problem messages show it (escape sequences in names made harmless)."""
+    return printable(_rel(path, root), 400)
+
+
 def _rel(path: Path, root: Path) -> str:
     try:
         return path.relative_to(root).as_posix()
@@ -111,6 +116,7 @@ def _rel(path: Path, root: Path) -> str:
 # --- scanning ---------------------------------------------------------------------------------------------------
 
 _CACHE: dict[tuple[str, int, int], tuple[Checkpoint | None, str | None]] = {}
+_MAX_SIDECAR = 64 * 1024  # a sidecar holds one file name
 
 
 def _candidate_files(root: Path) -> list[Path]:
@@ -124,15 +130,64 @@ def _candidate_files(root: Path) -> list[Path]:
     return out
 
 
+def _linked(path: Path) -> bool:
+    """Is the file reached through a symbolic link (the file itself or a linked folder on the way)?"""
+    try:
+        parent = path.parent.absolute()
+        return path.is_symlink() or os.path.realpath(parent) != os.path.normpath(parent)
+    except OSError:
+        return True
+
+
+def _os_reason(path: Path, err: OSError) -> str:
+    """An OS error in words, without paths (a link's target is nobody's business in a model listing)."""
+    if isinstance(err, FileNotFoundError) and path.is_symlink():
+        return "A broken link: the file it points to does not exist."
+    return f"Cannot be read ({(err.strerror or type(err).__name__).lower()}). Check the file's permissions."
+
+
+def _reason(path: Path, err: CascadeError) -> str:
+    """The error's message as a problem of this file: without the file's own name (the problem list names it
+    once), and for a link to something that is not a safetensors file only that: no size, no first bytes."""
+    if _linked(path) and path.suffix.lower() == ".safetensors" and isinstance(err, (CorruptFileError, PickleRefusedError)):
+        return "Not a safetensors file."
+    message = str(err)
+    names = {path.name, printable(path.name)}
+    try:
+        names |= {path.resolve().name, printable(path.resolve().name)}
+    except OSError:
+        pass
+    for name in sorted(names, key=len, reverse=True):
+        if message.startswith(name + ": "):
+            message = message[len(name) + 2 :]
+        elif message.startswith(name + " "):
+            message = "This file " + message[len(name) + 1 :]
+        message = message.replace(name, "this file")
+    return message[:1].upper() + message[1:]
+
+
+def _classify_uncached(path: Path) -> tuple[Checkpoint | None, str | None]:
+    try:
+        return scan(path), None
+    except CascadeError as e:
+        return None, _reason(path, e)
+    except OSError as e:
+        return None, _os_reason(path, e)
+    except Exception as e:  # a bug in classification must cost one file, never the folder listing or SD.Next
+        log.exception("Stable Cascade: classifying %s failed", printable(str(path), 400))
+        return None, f"Could not be classified (internal error {type(e).__name__}); please report it."
+
+
 def classify(path: Path) -> FileEntry:
-    """Scan one file's header (cached by path, size and mtime); errors become the entry's `error`."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    """Scan one file's header (cached by path, size and mtime); any failure becomes the entry's `error`, a reason
+    that does not repeat the file's name."""
+    try:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    except OSError as e:
+        return FileEntry(path, error=_os_reason(path, e))
     if key not in _CACHE:
-        try:
-            _CACHE[key] = (scan(path), None)
-        except (CascadeError, OSError) as e:
-            _CACHE[key] = (None, str(e).replace(path.resolve().name, path.name))
+        _CACHE[key] = _classify_uncached(path)
     ckpt, error = _CACHE[key]
     if ckpt is None:
         return FileEntry(path, error=error)
@@ -171,20 +226,28 @@ def _sidecar_decoder(lib: Library, prior: Path) -> tuple[Path | None, str | None
     sidecar = prior.with_name(prior.stem + SIDECAR_SUFFIX)
     if not sidecar.is_file():
         return None, None
+    label = printable(sidecar.name)
     try:
-        data = json.loads(sidecar.read_text())
-        name = data["decoder"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return None, f"{sidecar.name}: not a valid sidecar ({e}); expected {{\"decoder\": \"<Stage B file name>\"}}"
-    candidate = _lexical(prior.parent / str(name))
+        with open(sidecar, "rb") as f:
+            raw = f.read(_MAX_SIDECAR + 1)
+        if len(raw) > _MAX_SIDECAR:
+            raise ValueError(f"over {_MAX_SIDECAR} bytes")
+        name = json.loads(raw)["decoder"]
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise TypeError("the decoder must be a file name")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
+        reason = "JSON nested too deeply" if isinstance(e, RecursionError) else printable(str(e), 120)
+        return None, f"{label}: not a valid sidecar ({reason}); expected {{\"decoder\": \"<Stage B file name>\"}}"
+    shown = "'" + printable(name, 120) + "'"
+    candidate = _lexical(prior.parent / name)
     if not _inside(lib.root, candidate):
-        return None, f"{sidecar.name}: {name!r} is outside the model folder {lib.root}; only files inside it are used"
+        return None, f"{label}: {shown} is outside the model folder {lib.root}; only files inside it are used"
     entry = lib.find(candidate)
     if entry is None:
-        return None, f"{sidecar.name}: the decoder {name!r} was not found in {prior.parent}"
+        return None, f"{label}: the decoder {shown} was not found in {printable(str(prior.parent), 300)}"
     if entry.role != "stage_b":
         what = entry.title or entry.error or "not a Stable Cascade file"
-        return None, f"{sidecar.name}: {name!r} is not a Stage B (decoder) file: {what}"
+        return None, f"{label}: {shown} is not a Stage B (decoder) file: {what}"
     return entry.path, None
 
 
@@ -239,14 +302,14 @@ def pair_files(lib: Library, default_decoder: str | None = None) -> tuple[list[P
             decoder, rule = decoders[0].path, "only"
         if decoder is None:
             problems.append(
-                f"{_rel(c.path, lib.root)}: no Stage B pairs with this Stage C ({len(decoders)} Stage B files in the "
+                f"{_shown(c.path, lib.root)}: no Stage B pairs with this Stage C ({len(decoders)} Stage B files in the "
                 f"folder). Name them <name>_main / <name>_decoder, add {c.path.stem}{SIDECAR_SUFFIX} with "
                 "{\"decoder\": \"<file>\"}, or choose a default decoder in Settings > Stable Cascade."
             )
             continue
         name = _descriptor_name(c.path.stem)
         if name.casefold() in names:
-            problems.append(f"{_rel(c.path, lib.root)}: another Stage C already gives a model named {name!r}; "
+            problems.append(f"{_shown(c.path, lib.root)}: another Stage C already gives a model named {name!r}; "
                             "rename one of the files.")
             continue
         names.add(name.casefold())
@@ -255,11 +318,11 @@ def pair_files(lib: Library, default_decoder: str | None = None) -> tuple[list[P
 
     for d in decoders:
         if d.path not in used_decoders:
-            problems.append(f"{_rel(d.path, lib.root)}: a Stage B (decoder) file with no Stage C; it is not a model on "
+            problems.append(f"{_shown(d.path, lib.root)}: a Stage B (decoder) file with no Stage C; it is not a model on "
                             "its own. Add the matching Stage C ('main') file to the folder.")
     for f in lib.files:
         if f.error:
-            problems.append(f"{_rel(f.path, lib.root)}: {f.error}")
+            problems.append(f"{_shown(f.path, lib.root)}: {f.error}")
     return pairs, problems
 
 

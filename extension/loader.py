@@ -20,7 +20,7 @@ from cascade.errors import CascadeError, MissingComponentError, WrongStageError
 
 from . import descriptors, library, logs
 from .errors import CascadeHostError, host_error
-from .offload import SdnextOffload, planned_placement
+from .offload import SdnextOffload
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def claims(checkpoint_info: Any) -> bool:
 def _pair_for_file(path: Path, default_decoder: str | None) -> tuple[Path, Path]:
     entry = library.classify(path)
     if entry.error:
-        raise CascadeHostError(entry.error, 422)
+        raise CascadeHostError(f"{path.name}: {entry.error}", 422)
     if entry.role == "stage_b":
         raise WrongStageError(
             f"{path.name} is a {entry.title} file, not a model on its own: select the Stage C ('main') file it "
@@ -73,34 +73,30 @@ def resolve_paths(checkpoint_info: Any, default_decoder: str | None) -> tuple[st
 
 
 def build_pipeline(name: str, prior: Path, decoder: Path):
-    """Load the pair on SD.Next's device with SD.Next's dtype choice and the memory policy of its offload mode."""
+    """Load the pair on SD.Next's device with SD.Next's dtype choice and the memory policy of its offload mode:
+    SD.Next's offload moves the weights when its mode is set; with mode `none` the engine's planner does."""
     from modules import devices, shared, sd_models
 
-    from backends import backend_from_torch_device
-    from cascade.engine import load_pipeline
-    from cascade.loader import resolve_sources
+    from cascade.session import PipelineSpec, open_pipeline
 
-    from .host import SdnextHost
+    from .host import SdnextHost, sdnext_backend
     from .pipeline import StableCascadeSingleFilePipeline
 
-    backend = backend_from_torch_device(devices.device, backend_name=devices.backend)
-    sources = resolve_sources(prior, decoder)
+    backend = sdnext_backend(devices)
     mode = shared.opts.diffusers_offload_mode
     dtype = requested_dtype(devices, shared.opts)
-    if mode == "none":
-        placement = planned_placement(backend, prior, decoder, dtype)
-    else:
+    placement = None  # mode none: cascade.session plans for the card's size (it degrades on OOM later)
+    if mode != "none":
         placement = SdnextOffload(mode, backend.device,
                                   lambda: sd_models.apply_balanced_offload(shared.sd_model, silent=True))
-    engine, report = load_pipeline(prior, decoder, backend=backend, dtype=dtype,
-                                   placement=placement, sources=sources)
-    for note in report.notes:
+    session = open_pipeline(PipelineSpec(prior, decoder, dtype=dtype or "auto"), backend=backend, placement=placement)
+    for note in session.notes:
         log.info("Stable Cascade %s: %s", name, note)
     host = SdnextHost(decoder_name=decoder.name, offload_mode=mode)
-    pipe = StableCascadeSingleFilePipeline.from_engine(engine, host=host)
+    pipe = StableCascadeSingleFilePipeline.from_engine(session.pipeline, host=host)
     log.info("Stable Cascade: loaded %r (prior %s, decoder %s) on %s, dtypes %s, memory %s", name, prior.name,
-             decoder.name, backend.device, {k: str(v).removeprefix("torch.") for k, v in report.dtypes.items()},
-             getattr(placement, "name", "?"))
+             decoder.name, backend.device, {k: str(v).removeprefix("torch.") for k, v in session.dtypes.items()},
+             session.placement_name)
     return pipe
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-PACKAGES = ("extension", "cascade", "backends")
+PACKAGES = (__name__.split(".")[0], "cascade", "cascade_backends")  # ours is "extension" or its SD.Next name
 
 
 class ToSdnextLog(logging.Handler):

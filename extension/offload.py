@@ -15,9 +15,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-PLAN_SIZE = (1024, 1024)  # the plan is made at load time for the model card's size; it degrades on OOM
-
-
 class SdnextOffload:
     """cascade.pipeline.Placement for SD.Next's own offload modes."""
 
@@ -45,16 +42,6 @@ class SdnextOffload:
     def recast(self, component: str, module: nn.Module, dtype: torch.dtype) -> None:
         """NaN guard's retry in a safer dtype: convert the weights where they are; SD.Next's hooks keep moving them."""
         module.to(dtype)
-
-
-def planned_placement(backend, prior, decoder, dtype: torch.dtype | None):
-    """Our planner's executor for SD.Next's offload mode `none` (plan for the model card's size, default steps)."""
-    from cascade import memory
-    from cascade.engine import choose_dtypes
-    from cascade.request import GenerationRequest
-
-    request = GenerationRequest(prompt="", width=PLAN_SIZE[0], height=PLAN_SIZE[1])
-    return memory.placement_for("auto", backend, prior, decoder, request, dtypes=choose_dtypes(backend, dtype))
 
 
 def is_managed(placement) -> bool:

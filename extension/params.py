@@ -9,13 +9,15 @@ Stage A scale) comes from the extension's settings, overridable per request.
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from cascade import sampling
 from cascade.errors import InvalidRequestError
 from cascade.infotext import SAMPLER_TITLES, SCHEDULER_TITLES
-from cascade.request import STAGE_A_SCALE, StageSettings, default_decoder, default_prior
+from cascade.request import MAX_SEED, SIZE_MULTIPLE, STAGE_A_SCALE, StageSettings, default_decoder, default_prior
 
 # SD.Next sampler names that cascade.sampling does not know under that spelling.
 SDNEXT_SAMPLERS = {"default": "ddpm", "kdpm2": "dpm_2", "dpm sde": "dpmpp_sde"}
@@ -124,6 +126,7 @@ def infotext_fields(prior: StageSettings, decoder: StageSettings, settings: Casc
     so "send to txt2img" restores the decoder's steps and CFG.
     """
     out: dict[str, Any] = {
+        "CFG scale": _num(prior.cfg),  # the CFG used: SD.Next leaves it out when the UI sent its default (-1)
         "Prior sampler": SAMPLER_TITLES.get(prior.sampler, prior.sampler),
         "Prior schedule": SCHEDULER_TITLES.get(prior.scheduler, prior.scheduler),
         "Prior shift": _num(prior.shift),
@@ -138,3 +141,73 @@ def infotext_fields(prior: StageSettings, decoder: StageSettings, settings: Casc
     if settings.stage_a_scale != STAGE_A_SCALE:
         out["Stage A scale"] = _num(settings.stage_a_scale)
     return {k: v for k, v in out.items() if v is not None}
+
+
+# --- SD.Next's conventions for seeds, CFG and sizes ------------------------------------------------------------------
+RANDOM_SEED = -1  # SD.Next's (and A1111's) "random": modules/processing_helpers.py get_fixed_seed
+UNSET_CFG = -1  # SD.Next's UI default for cfg_scale / cfg_image: modules/processing_args.py passes a CFG only if > -1
+REQUESTED_SIZE_ATTR = "cascade_requested_size"  # (width, height) before SD.Next rounded them (remember_requested_size)
+
+
+def resolve_seeds(seeds: Sequence[Any], draw: Callable[[], int] | None = None) -> list[int]:
+    """SD.Next's per-image seeds -> the seeds that will be used: -1 alone means random (drawn here, as SD.Next's
+    get_fixed_seed draws in [0, 2^32-2), so the seed used can be reported); any other negative seed, a seed past
+    2^64-1 or a non-integer is refused (SD.Next would pass -5 on to torch, which silently remaps it)."""
+    draw = draw or (lambda: random.randrange(4294967294))
+    out = []
+    for seed in seeds:
+        if isinstance(seed, float) and seed.is_integer():
+            seed = int(seed)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise InvalidRequestError(f"seed {seed!r} is not an integer; use -1 for a random seed or 0..{MAX_SEED}")
+        if seed == RANDOM_SEED:
+            seed = draw()
+        elif seed < 0:
+            raise InvalidRequestError(f"seed {seed} is negative: only -1 means a random seed; use -1 or a seed "
+                                      f"between 0 and {MAX_SEED} (2^64-1)")
+        elif seed > MAX_SEED:
+            raise InvalidRequestError(f"seed {seed} is larger than {MAX_SEED} (2^64-1)")
+        out.append(seed)
+    return out
+
+
+def sdnext_cfg(value: Any, default: float, field: str) -> float:
+    """An SD.Next CFG field -> the CFG used: None or -1 (the UI's "default") is the engine's `default`; a negative
+    or non-finite value is refused. The upper bound is the engine's (cascade.request.validate)."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == UNSET_CFG):
+        return float(default)
+    try:
+        cfg = float(value)
+    except (TypeError, ValueError):
+        raise InvalidRequestError(f"{field} {value!r} is not a number") from None
+    if not math.isfinite(cfg):
+        raise InvalidRequestError(f"{field} {value!r} must be a finite number")
+    if cfg < 0:
+        raise InvalidRequestError(f"{field} {value!r} is negative: use -1 for the default ({default:g}) or a value "
+                                  "from 0 (the model card uses 4-7 for the prior, 1-1.5 for the decoder)")
+    return cfg
+
+
+def remember_requested_size(p: Any) -> None:
+    """Record p.width/p.height as the user sent them. Called from the Script's `before_process`, which SD.Next runs
+    before it rounds both down to a multiple of its VAE scale factor (modules/processing.py process_images)."""
+    width, height = getattr(p, "width", None), getattr(p, "height", None)
+    if isinstance(width, int) and isinstance(height, int):
+        setattr(p, REQUESTED_SIZE_ATTR, (width, height))
+
+
+def check_requested_size(width: int, height: int, requested: tuple[int, int] | None) -> None:
+    """Refuse a size SD.Next changed from what the user sent when that was not a multiple of 128, in the user's
+    numbers ("width 500 (SD.Next made it 496)"): the engine's own message would name only SD.Next's rounded value,
+    and a rounding that happened to land on a multiple of 128 would silently give another size than asked for."""
+    if requested is None:
+        return
+    problems = []
+    for name, sent, used in (("width", requested[0], width), ("height", requested[1], height)):
+        if sent != used and sent % SIZE_MULTIPLE:
+            lo = max(SIZE_MULTIPLE, sent // SIZE_MULTIPLE * SIZE_MULTIPLE)
+            nearest = f"{lo}" if lo >= sent else f"{lo} or {lo + SIZE_MULTIPLE}"
+            problems.append(f"{name} {sent} (SD.Next rounded it to {used}) is not a multiple of {SIZE_MULTIPLE} "
+                            f"(nearest valid: {nearest})")
+    if problems:
+        raise InvalidRequestError("Invalid request: " + "; ".join(problems) + ".")

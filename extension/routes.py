@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 from cascade.errors import CascadeError
 
 from . import library, options
+from .errors import CascadeHostError, log_line, response_body
+
+log = logging.getLogger(__name__)
 
 PREFIX = "/cascade/v1"
 
@@ -41,13 +45,13 @@ def backend_json() -> dict[str, Any]:
     """SD.Next's device choice as our backend layer sees it (no probing of other vendors inside SD.Next)."""
     from modules import devices, shared
 
-    from backends import backend_from_torch_device
+    from .host import sdnext_backend
 
     out: dict[str, Any] = {"sdnext": {"backend": devices.backend, "device": str(devices.device),
                                       "dtype": str(devices.dtype).removeprefix("torch."),
                                       "offload_mode": shared.opts.diffusers_offload_mode}}
     try:
-        backend = backend_from_torch_device(devices.device, backend_name=devices.backend)
+        backend = sdnext_backend(devices)
         out["selected"] = dict(backend.summary())
         out["selected"]["reasons"] = list(backend.reasons)
         out["memory"] = {k: v for k, v in vars(backend.memory()).items()}
@@ -60,11 +64,12 @@ def plan_json(lib: library.Library, model: str | None, width: int, height: int, 
     """The memory plan for one of the folder's pairs at a size (the loaded one, or the first, when not named)."""
     from modules import devices, shared
 
-    from backends import backend_from_torch_device
+    from .host import sdnext_backend
     from cascade import memory
-    from cascade.activations import Shape
-    from cascade.engine import choose_dtypes
     from cascade.loader import resolve_sources
+    from cascade.request import build_request
+    from cascade.session import choose_dtypes, plan_for_sizes
+    from cascade.sizing import sizes_from_sources
 
     from .loader import requested_dtype
     from .params import resolve_settings
@@ -77,14 +82,13 @@ def plan_json(lib: library.Library, model: str | None, width: int, height: int, 
     if pair is None and model:
         raise LookupError(f"no Stable Cascade model named {model!r}; known: {', '.join(p.name for p in lib.pairs)}")
     pair = pair or lib.pairs[0]
-    backend = backend_from_torch_device(devices.device, backend_name=devices.backend)
+    backend = sdnext_backend(devices)
     dtypes = choose_dtypes(backend, requested_dtype(devices, shared.opts))
-    sizes = memory.ComponentSizes.from_sources(resolve_sources(pair.prior, pair.decoder), dtypes)
     settings = resolve_settings(lambda key: options.value(key))
-    shape = Shape(width, height, batch, settings.compression)
-    memory.validate_shape(shape)  # InvalidRequestError -> HTTP 400 (a huge size would tie up the server)
-    budget = memory.budget_for(backend, vram)
-    plan = memory.make_plan(sizes, shape, budget)
+    # InvalidRequestError -> HTTP 400: the same bounds as a generation (a huge size would tie up the server)
+    request = build_request(prompt="", width=width, height=height, batch_size=batch, compression=settings.compression)
+    sizes = sizes_from_sources(resolve_sources(pair.prior, pair.decoder), dtypes)
+    plan = plan_for_sizes(sizes, backend, request, vram=vram)
     out = plan.to_dict()
     out.update(model=pair.name, device=str(backend.device), dtypes={k: str(v).removeprefix("torch.") for k, v in dtypes.items()},
                offload_mode=shared.opts.diffusers_offload_mode, text=memory.format_plan(plan))
@@ -94,10 +98,35 @@ def plan_json(lib: library.Library, model: str | None, width: int, height: int, 
     return out
 
 
+def install_error_handler(app) -> None:
+    """Answer every `CascadeHostError` (raised out of SD.Next's txt2img and our routes) with SD.Next's error JSON
+    and its status, logging one line for an expected error instead of SD.Next's traceback (see extension/errors.py).
+
+    Starlette dispatches to the handler of the most specific exception class, so this one wins over SD.Next's
+    catch-all; it copies its handlers when it builds the middleware stack, so the stack is rebuilt on the next
+    request (as SD.Next's own setup_middleware does). Installing twice replaces the handler."""
+    from starlette.responses import JSONResponse
+
+    async def on_host_error(request, exc: CascadeHostError):
+        line = log_line(exc, request.method, request.url.path)
+        if exc.expected:
+            log.warning(line)
+        else:
+            log.error(line, exc_info=(type(exc), exc, exc.__traceback__))
+        return JSONResponse(status_code=exc.status_code, content=response_body(exc))
+
+    app.add_exception_handler(CascadeHostError, on_host_error)
+    app.middleware_stack = None
+
+
 def register(scan: Callable[[], library.Library], rescan: Callable[[], dict[str, Any]]) -> None:
     """on_app_started: add the routes through SD.Next's API object (its auth and subpath apply)."""
     from fastapi import HTTPException
     from modules import shared
+
+    app = getattr(shared.api, "app", None)
+    if app is not None:
+        install_error_handler(app)
 
     def get_models():
         return models_json(scan())

@@ -60,7 +60,7 @@ def tiny_pair(tmp_path_factory, tiny_models):
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_pair):
     """A loaded tiny pipeline on the CPU in fp32, shared by the end-to-end tests."""
-    from backends import select_backend
+    from cascade_backends import select_backend
     from cascade.engine import load_pipeline
 
     pipe, _ = load_pipeline(*tiny_pair, backend=select_backend("cpu"), dtype=torch.float32)

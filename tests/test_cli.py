@@ -104,9 +104,10 @@ def test_inspect_text_and_json(tiny_pair, capsys):
     text = capsys.readouterr().out
     assert "Stage C (prior, the 'main' file)" in text and "Stage B (decoder)" in text
     assert "CLIP-G text encoder" in text and "Stage A (VQGAN)" in text and "unknown tensors: 0" in text
-    assert main(["inspect", "--json", str(tiny_pair[1])]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["role"] == "stage_b" and set(info["parts"]) == {"decoder", "text_encoder", "stage_a"}
+    assert main(["inspect", "--json", str(tiny_pair[1]), str(tiny_pair[0])]) == 0
+    prior_b, prior_c = json.loads(capsys.readouterr().out)  # one JSON document: a list, one entry per file
+    assert prior_b["role"] == "stage_b" and set(prior_b["parts"]) == {"decoder", "text_encoder", "stage_a"}
+    assert prior_c["role"] == "stage_c"
 
 
 def test_inspect_reports_errors_per_file(tmp_path, tiny_pair, capsys):

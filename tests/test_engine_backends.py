@@ -31,7 +31,7 @@ def test_chunked_attention_processor_equals_sdpa(tiny_models):
 
 
 def test_nan_in_bf16_retries_in_fp32_and_records_it(tiny_pair, nan_when_bf16):
-    from backends import select_backend
+    from cascade_backends import select_backend
     from cascade.engine import load_pipeline
 
     pipe, _ = load_pipeline(*tiny_pair, backend=select_backend("cpu"), dtype=torch.bfloat16)
@@ -48,7 +48,7 @@ def test_nan_in_bf16_retries_in_fp32_and_records_it(tiny_pair, nan_when_bf16):
 
 
 def test_nan_in_fp32_is_a_clear_error(tiny_pair):
-    from backends import select_backend
+    from cascade_backends import select_backend
     from cascade.engine import load_pipeline
     from cascade.errors import CascadeError
 
@@ -65,7 +65,7 @@ def test_nan_in_fp32_is_a_clear_error(tiny_pair):
 def test_openvino_generation_matches_eager(tiny_pair, tmp_path, monkeypatch):
     """Stage C, Stage B and Stage A compiled by OpenVINO (CPU) give the eager image within 2/255."""
     pytest.importorskip("openvino")
-    from backends import select_backend
+    from cascade_backends import select_backend
     from cascade.engine import load_pipeline
 
     monkeypatch.setenv("CASCADE_CACHE_DIR", str(tmp_path))

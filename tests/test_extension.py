@@ -202,7 +202,7 @@ def test_placement_owned_devices_ignore_whole_pipeline_moves(tiny_pipeline, monk
 def test_nan_retry_works_under_sdnext_offload(tiny_pair, nan_when_bf16):
     """With SD.Next's own offload modes the placement is SdnextOffload: the NaN guard's retry in a safer dtype must
     convert the weights through it (it lacked `recast`, so the retry died with an AttributeError)."""
-    from backends import select_backend
+    from cascade_backends import select_backend
     from cascade.engine import load_pipeline
     from cascade.request import GenerationRequest, StageSettings
     from extension.offload import SdnextOffload
@@ -503,9 +503,9 @@ def test_loader_reports_a_vanished_decoder(fake_loader_module, tmp_path, files):
 
 
 def test_entry_script_refuses_a_shadowing_package(monkeypatch, tmp_path):
-    fake = types.ModuleType("backends")
-    fake.__file__ = str(tmp_path / "other-extension" / "backends" / "__init__.py")
-    monkeypatch.setitem(sys.modules, "backends", fake)
+    fake = types.ModuleType("cascade")  # generic names are avoided (tests/test_packaging.py); `cascade` is checked
+    fake.__file__ = str(tmp_path / "other-extension" / "cascade" / "__init__.py")
+    monkeypatch.setitem(sys.modules, "cascade", fake)
     with pytest.raises(ImportError, match="other-extension"):
         runpy.run_path(str(ROOT / "scripts" / "stable_cascade.py"))
 

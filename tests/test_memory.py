@@ -10,13 +10,14 @@ from cascade.activations import ActivationModel, Shape, default_model, measure
 from cascade.errors import CascadeError
 from cascade.memory import GiB, ComponentSizes, default_dtypes, format_plan, make_plan, parse_size
 from cascade.request import GenerationRequest, StageSettings
+from cascade.sizing import full_size, sizes_from_sources
 
 FULL = None
 
 
 def full_sizes() -> ComponentSizes:
     global FULL
-    FULL = FULL or ComponentSizes.full_size(default_dtypes("bf16"))
+    FULL = FULL or full_size(default_dtypes("bf16"))
     return FULL
 
 
@@ -61,7 +62,7 @@ def test_planner_decisions_full_size_bf16(budget, width, height, mode):
 @pytest.mark.parametrize("budget,mode", [("8GiB", "stream"), ("12GiB", "stream"), ("16GiB", "stage")])
 def test_fp32_stage_c_on_cards_without_bf16(budget, mode):
     """RDNA2 / Turing: no native bf16, so Stage C runs in fp32 (14.4 GB) and must be staged or streamed."""
-    plan = make_plan(ComponentSizes.full_size(default_dtypes("fp32")), Shape(1024, 1536), parse_size(budget))
+    plan = make_plan(full_size(default_dtypes("fp32")), Shape(1024, 1536), parse_size(budget))
     assert plan.mode == mode and plan.chosen.peak <= plan.usable
 
 
@@ -104,7 +105,11 @@ def tiny_plan(tiny_pair, monkeypatch, budget: int, mode: str = "auto", activatio
     monkeypatch.setattr(memory, "default_model", lambda: activations)
     monkeypatch.setattr(memory, "MARGIN_FIXED", 0)
     monkeypatch.setattr(memory, "MARGIN_FRACTION", 0.0)
-    sizes = ComponentSizes.from_sources(resolve_sources(*tiny_pair), default_dtypes("fp32"))
+    from cascade_backends import select_backend
+    from cascade.session import choose_dtypes
+
+    # the dtypes `load_with` loads at (fp32 UNets; the text encoder at the CPU backend's own choice)
+    sizes = sizes_from_sources(resolve_sources(*tiny_pair), choose_dtypes(select_backend("cpu"), torch.float32))
     return sizes, make_plan(sizes, Shape(256, 256), budget, steps={"prior": 4, "decoder": 2}, mode=mode)
 
 
@@ -131,7 +136,7 @@ def load_with(tiny_pair, executor):
 
 @pytest.mark.parametrize("mode", ["resident", "stage", "stream", "sequential"])
 def test_ledger_equals_plan(tiny_pair, monkeypatch, mode):
-    from backends import select_backend
+    from cascade_backends import select_backend
     from cascade.offload import Executor
 
     sizes, _ = tiny_plan(tiny_pair, monkeypatch, 10**12)
@@ -157,7 +162,7 @@ def test_streaming_stays_within_the_planned_buffers(tiny_pair, monkeypatch):
     """Per phase, the weights on the device never exceed what the plan keeps resident plus its streaming buffers
     (two blocks): also when Stage B's up levels repeat and the block fetched ahead for the next level is not the
     one that runs next (found by benchmarks/gpu_memory.py --dry-run)."""
-    from backends import select_backend
+    from cascade_backends import select_backend
     from cascade.offload import Executor
 
     sizes, _ = tiny_plan(tiny_pair, monkeypatch, 10**12)
@@ -185,7 +190,7 @@ def test_streaming_stays_within_the_planned_buffers(tiny_pair, monkeypatch):
 
 
 def test_streamed_generation_equals_resident(tiny_pair, monkeypatch):
-    from backends import select_backend
+    from cascade_backends import select_backend
     from cascade.offload import Executor
 
     images = {}
@@ -209,7 +214,7 @@ class DeviceBudget:
 
 
 def test_oom_falls_back_one_level_and_says_so(tiny_pair, monkeypatch):
-    from backends import select_backend
+    from cascade_backends import select_backend
     from cascade.offload import Executor
 
     sizes, plan = tiny_plan(tiny_pair, monkeypatch, 10**12, mode="resident")
@@ -224,7 +229,7 @@ def test_oom_falls_back_one_level_and_says_so(tiny_pair, monkeypatch):
 
 
 def test_second_oom_is_a_clear_error_and_pipeline_survives(tiny_pair, monkeypatch):
-    from backends import select_backend
+    from cascade_backends import select_backend
     from cascade.offload import Executor
 
     _, plan = tiny_plan(tiny_pair, monkeypatch, 10**12, mode="stage")
@@ -276,7 +281,7 @@ def test_streamed_block_is_waited_for_before_it_runs(tiny_pair, monkeypatch):
     """With a copy stream, every streamed block's upload is waited for before its forward: the prefetched ones and
     also the ones uploaded on demand (the first streamed block of each pass, a block fetched again when a level
     repeats). A stand-in stream records which uploads are still in flight."""
-    from backends import select_backend
+    from cascade_backends import select_backend
     from cascade import offload
     from cascade.offload import Executor
 
@@ -334,7 +339,7 @@ def test_cli_plan_refuses_sizes_a_generation_refuses(capsys, width, message):
 
 def test_nan_fallback_recasts_and_replans(tiny_pair, monkeypatch, nan_when_bf16):
     """bf16 Stage C that yields NaN is re-run in fp32 under a staged plan; the plan is redone for fp32 weights."""
-    from backends import select_backend
+    from cascade_backends import select_backend
     from cascade.engine import load_pipeline
     from cascade.loader import resolve_sources
     from cascade.offload import Executor
@@ -342,7 +347,7 @@ def test_nan_fallback_recasts_and_replans(tiny_pair, monkeypatch, nan_when_bf16)
     import cascade.memory as memory
 
     monkeypatch.setattr(memory, "default_model", lambda: ZERO)
-    sizes = ComponentSizes.from_sources(resolve_sources(*tiny_pair), {**default_dtypes("bf16"), "vqgan": torch.float32})
+    sizes = sizes_from_sources(resolve_sources(*tiny_pair), {**default_dtypes("bf16"), "vqgan": torch.float32})
     plan = make_plan(sizes, Shape(256, 256), 10**12, steps={"prior": 4, "decoder": 2}, mode="stage")
     executor = Executor(plan, select_backend("cpu"))
     pipe, _ = load_pipeline(*tiny_pair, backend=executor.backend, dtype=torch.bfloat16, placement=executor)

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import backends
-from backends import openvino as bov
+import cascade_backends
+from cascade_backends import openvino as bov
 
 pytestmark = pytest.mark.skipif(not bov.is_available(), reason="openvino not installed")
 
@@ -90,14 +90,13 @@ def _close(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def test_openvino_backend_selected_on_cpu():
-    b = backends.select_backend("openvino:CPU")
+    b = cascade_backends.select_backend("openvino:CPU")
     assert b.name == "openvino" and b.ov_device == "CPU" and b.device.type == "cpu"
     assert "CPU" in bov.devices()
-    assert bov.precision_hint("GPU.1", "prior") == "f32" and bov.precision_hint("CPU", "prior") is None
-    with pytest.raises(backends.BackendUnavailable, match="available"):
+    with pytest.raises(cascade_backends.BackendUnavailable, match="available"):
         bov.compile_module(_model(), device="NPU.7")
-    # precision: explicit wins; otherwise the stage hint (f32 for the prior on GPU only; none on CPU)
-    assert "INFERENCE_PRECISION_HINT" not in bov.compile_module(_model(), stage="prior").ov_config
+    # precision: the caller's hint (cascade.precision: f32 for the prior on an OpenVINO GPU), else the device default
+    assert "INFERENCE_PRECISION_HINT" not in bov.compile_module(_model()).ov_config
     assert bov.compile_module(_model(), precision="f32").ov_config["INFERENCE_PRECISION_HINT"] == "f32"
     with pytest.raises(ValueError):
         bov.compile_module(_model(), method="inductor")
@@ -108,7 +107,7 @@ def test_convert_matches_eager_and_cache_reruns_faster(tmp_path):
     x = torch.randn(1, 4, 16, 16)
     with torch.inference_mode():
         ref = m(x)
-    cm = bov.compile_module(m, device="CPU", cache_dir=tmp_path)
+    cm = bov.compile_module(m, device="CPU", cache_dir=tmp_path, precision="f32")
     out, first = bov.timed_call(cm, x)
     diff = _close(out, ref)
     assert cm.events[-1].load == "converted"
@@ -116,7 +115,7 @@ def test_convert_matches_eager_and_cache_reruns_faster(tmp_path):
         cm(x * 2)
     _close(out, ref)  # outputs are copies: the next inference must not overwrite them
     # a fresh wrapper (as in a new process): reads the IR and imports the compiled blob, no tracing
-    cm2 = bov.compile_module(_model(), device="CPU", cache_dir=tmp_path)
+    cm2 = bov.compile_module(_model(), device="CPU", cache_dir=tmp_path, precision="f32")
     out2, cached = bov.timed_call(cm2, x)
     _close(out2, ref)
     assert cm2.events[-1].load == "cached"
@@ -142,7 +141,7 @@ def test_convert_kwargs_structures_shapes_and_attributes(tmp_path):
     m = DictOut().eval()
     m.config = {"in_channels": 32}
     x, cond = torch.randn(2, 32, 8, 8), torch.randn(2, 32)
-    cm = bov.compile_module(m, cache_dir=tmp_path)
+    cm = bov.compile_module(m, cache_dir=tmp_path, precision="f32")
     assert cm.config == {"in_channels": 32}  # attributes fall through to the wrapped module
     with torch.inference_mode():
         ref = m(x, cond=cond)
@@ -154,7 +153,7 @@ def test_convert_kwargs_structures_shapes_and_attributes(tmp_path):
         y2 = cm(x[:1], cond=None, return_dict=False)[0]  # new shape / None input: compiled again
         _close(y2, m(x[:1], return_dict=False)[0])
     assert [e.load for e in cm.events] == ["converted"] * 3
-    cm2 = bov.compile_module(m, cache_dir=tmp_path)  # dict output structure restored from the cache
+    cm2 = bov.compile_module(m, cache_dir=tmp_path, precision="f32")  # dict output structure restored from the cache
     with torch.inference_mode():
         assert set(cm2(x, cond=cond)) == {"sample", "mean"}
     assert cm2.events[-1].load == "cached"
@@ -166,18 +165,18 @@ def test_convert_other_entry_point(tmp_path):
     torch.manual_seed(0)
     vq = TinyVQ().eval()
     z = torch.randn(1, 4, 8, 8)
-    cm = bov.compile_module(vq, cache_dir=tmp_path, entry="decode")
+    cm = bov.compile_module(vq, cache_dir=tmp_path, entry="decode", precision="f32")
     with torch.inference_mode():
         _close(cm.decode(z)["sample"], vq.decode(z)["sample"])
         _close(cm.decode(z, return_dict=False)[0], vq.decode(z)["sample"])
     assert len(cm.events) == 2
-    again = bov.compile_module(vq, cache_dir=tmp_path, entry="decode")
+    again = bov.compile_module(vq, cache_dir=tmp_path, entry="decode", precision="f32")
     with torch.inference_mode():
         again.decode(z)
     assert again.events[-1].load == "cached"
     with torch.no_grad():  # new weights -> new key -> converted again (a stale IR is never reused)
         vq.up[0].weight.add_(0.01)
-    changed = bov.compile_module(vq, cache_dir=tmp_path, entry="decode")
+    changed = bov.compile_module(vq, cache_dir=tmp_path, entry="decode", precision="f32")
     with torch.inference_mode():
         _close(changed.decode(z)["sample"], vq.decode(z)["sample"])
     assert changed.events[-1].load == "converted"
@@ -195,7 +194,7 @@ def test_torch_compile_backend_matches_eager(tmp_path):
     with torch.inference_mode():
         ref = m(x)
     before = len(bov.fallback_events)
-    cm = bov.compile_module(m, device="CPU", cache_dir=tmp_path, method="torch.compile")
+    cm = bov.compile_module(m, device="CPU", cache_dir=tmp_path, method="torch.compile", precision="f32")
     out, first = bov.timed_call(cm, x)
     _close(out, ref)
     out, second = bov.timed_call(cm, x)

@@ -1,0 +1,435 @@
+"""The HTTP API against a live uvicorn on a free loopback port, the SD.Next field mapping, and batch jobs.
+
+The client side is written against SD.Next's API docs (modules/api/models.py, middleware.py): txt2img bodies with
+SD.Next's field names, base64 PNGs with a `parameters` chunk, `info` as a JSON string, progress / interrupt shapes,
+the error JSON. One tiny pipeline is loaded once and shared by every server of the module. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cascade.api_fields import from_sdnext
+from cascade.errors import InvalidRequestError
+from cascade.infotext import parse_infotext
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"width": 128, "height": 128, "steps": 4, "refiner_steps": 2}
+LONG = {"prompt": "a long one", "width": 128, "height": 128, "steps": 1000, "refiner_steps": 2, "seed": 1}
+
+
+# --- the SD.Next field mapping (pure) -----------------------------------------------------------------------------
+def test_sdnext_fields_map_to_flat_names_with_sdnext_defaults():
+    api = from_sdnext({"prompt": "a cat", "seed": 5})
+    assert api.fields["prior_steps"] == 20 and api.fields["decoder_steps"] == 5  # SD.Next's API defaults
+    assert api.fields["prior_cfg"] == 6.0 and "decoder_cfg" not in api.fields  # cfg_image unset: engine default
+    assert api.fields["width"] == api.fields["height"] == 1024 and api.fields["seed"] == 5
+    api = from_sdnext({"prompt": "a", "steps": 7, "cfg_scale": -1, "cfg_image": 1.5, "refiner_steps": 3,
+                       "sampler_name": "DPM++ 2M", "scheduler": "Automatic", "n_iter": 2, "batch_size": 3, "seed": 10,
+                       "override_settings": {"cascade_compression": 32, "sd_model_checkpoint": "m"},
+                       "extra": {"cascade_decoder_shift": 1.5}, "restore_faces": False, "unknown_field": 1})
+    f = api.fields
+    assert (f["prior_steps"], f["decoder_steps"], f["decoder_cfg"]) == (7, 3, 1.5) and "prior_cfg" not in f
+    assert f["prior_sampler"] == "DPM++ 2M" and f["prior_scheduler"] == "Default"
+    assert (f["compression"], f["decoder_shift"], api.model) == (32, 1.5, "m")
+    assert api.images == 6 and api.iteration(1)["seed"] == 13  # A1111: batch k starts at seed + k * batch_size
+    assert api.ignored == ("unknown_field",)
+
+
+def test_random_seed_is_drawn_once_and_reported():
+    api = from_sdnext({"prompt": "a", "seed": -1}, draw_seed=lambda: 1234)
+    assert api.fields["seed"] == 1234
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"enable_hr": True}, "enable_hr"),
+    ({"subseed_strength": 0.5}, "subseed_strength"),
+    ({"tiling": 1}, "tiling"),
+    ({"steps": 3, "prior_steps": 4}, "both"),
+    ({"seed": -7}, "seed"),
+    ({"cfg_scale": -3}, "negative"),
+    ({"image": "/etc/passwd"}, "init_images"),
+    ({"extra": {"cascade_nonsense": 1}}, "not a Stable Cascade option"),
+    ({"n_iter": 0}, "n_iter"),
+    ({"init_images": ["x"]}, "img2img"),
+])
+def test_sdnext_fields_refused_with_the_reason(body, words):
+    with pytest.raises(InvalidRequestError, match=words):
+        from_sdnext({"prompt": "a", **body})
+
+
+# --- a live server ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def serve_deps():
+    for name in ("fastapi", "uvicorn", "prometheus_client"):
+        pytest.importorskip(name, reason=f"{name} is not installed (python install.py --serve)")
+
+
+@pytest.fixture(scope="module")
+def session(serve_deps):
+    import torch
+
+    from cascade.session import PipelineSpec, open_pipeline
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    return open_pipeline(PipelineSpec(device="cpu"))
+
+
+def _start(config, session):
+    from serving.app import create_app
+    from serving.server import BackgroundServer
+    from serving.worker import Worker
+
+    worker = Worker(config, session=session)
+    server = BackgroundServer(create_app(config, worker))
+    url = server.__enter__()
+    return server, url, worker
+
+
+@pytest.fixture(scope="module")
+def live(session):
+    """The main server: no auth, queue of 1, default limits."""
+    from serving.config import ServeConfig
+
+    server, url, worker = _start(ServeConfig(device="cpu", queue_size=1, timeout_s=120), session)
+    yield url, worker
+    server.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def guarded(session):
+    """A second server on the same pipeline: auth on, a 64 KiB body limit, a 2 s timeout, 2 images per request."""
+    from serving.config import ServeConfig
+
+    config = ServeConfig(device="cpu", queue_size=2, timeout_s=2.0, api_auth=(("alice", "s3cret"),),
+                         api_tokens=("tok123",), max_body_bytes=64 * 1024, max_images=2)
+    server, url, worker = _start(config, session)
+    yield url, worker
+    server.__exit__(None, None, None)
+
+
+def call(url: str, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 60.0):
+    """A tiny SD.Next client (stdlib only): returns (status, headers, parsed JSON or raw bytes)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    raw = resp.read()
+    conn.close()
+    try:
+        parsed = json.loads(raw) if raw else None
+    except ValueError:
+        parsed = raw
+    return resp.status, dict(resp.getheaders()), parsed
+
+
+def txt2img(url: str, body: dict, **kw):
+    return call(url, "POST", "/sdapi/v1/txt2img", body, **kw)
+
+
+def decode_png(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Background:
+    """A request on a thread; `.result` is (status, headers, body) once it returned."""
+
+    def __init__(self, url: str, body: dict, path: str = "/sdapi/v1/txt2img"):
+        self.result = None
+        self.thread = threading.Thread(target=lambda: setattr(self, "result", call(url, "POST", path, body, timeout=120)))
+        self.thread.start()
+
+    def join(self, timeout: float = 60.0):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the request did not return in time"
+        return self.result
+
+
+def running_job(worker, timeout: float = 30.0):
+    return wait_until(lambda: worker.running if worker.running and worker.running.step > 0 else None, timeout,
+                      "a running job")
+
+
+def test_txt2img_shapes_and_infotext(live):
+    url, _ = live
+    status, headers, body = txt2img(url, {"prompt": "a red fox", "negative_prompt": "blurry", "seed": 7,
+                                          "batch_size": 2, "cfg_scale": 5, **SMALL})
+    assert status == 200, body
+    assert set(body) == {"images", "parameters", "info"}
+    assert body["parameters"]["prompt"] == "a red fox" and body["parameters"]["seed"] == 7
+    info = json.loads(body["info"])
+    assert info["all_seeds"] == [7, 8] and info["seed"] == 7 and info["width"] == 128
+    assert info["id_task"] == headers["x-task-id"] and len(info["infotexts"]) == 2
+    images = [decode_png(b) for b in body["images"]]
+    assert [im.size for im in images] == [(128, 128)] * 2 and images[0].format == "PNG"
+    params = parse_infotext(images[1].text["parameters"])
+    assert params["Prompt"] == "a red fox" and params["Negative prompt"] == "blurry"
+    assert (params["Seed"], params["Steps"], params["Refiner steps"], params["CFG scale"]) == ("8", "4", "2", "5")
+    assert params["Size"] == "128x128" and params["Sampler"] == "DDPM"
+    assert images[1].text["parameters"] == info["infotexts"][1]
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))  # seed + i, not a copy
+
+
+def test_same_image_as_the_cli_and_the_extension(live, tmp_path, capsys):
+    """One seed: the API's image equals `python -m cascade generate`'s and the SD.Next extension pipeline's."""
+    from cascade.cli import main
+    from extension.pipeline import StableCascadeSingleFilePipeline
+
+    url, worker = live
+    status, _, body = txt2img(url, {"prompt": "a lighthouse", "seed": 11, "cfg_scale": 6, **SMALL})
+    assert status == 200, body
+    api = np.asarray(decode_png(body["images"][0]).convert("RGB"))
+
+    out = tmp_path / "cli.png"
+    assert main(["generate", "a lighthouse", "--out", str(out), "--width", "128", "--height", "128", "--seed", "11",
+                 "--steps", "4", "--decoder-steps", "2", "--cfg", "6", "--device", "cpu", "--preset", "none",
+                 "--quiet"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), api)
+
+    # What SD.Next hands the extension's pipeline for that body (reference/sdnext.md §3.3 field mapping).
+    pipe = StableCascadeSingleFilePipeline.from_engine(worker.session.pipeline)
+    out = pipe(prompt="a lighthouse", width=128, height=128, prior_num_inference_steps=4, prior_guidance_scale=6.0,
+               num_inference_steps=2, seeds=[11], output_type="pil")
+    np.testing.assert_array_equal(np.asarray(out.images[0].convert("RGB")), api)
+
+
+def test_progress_interrupt_by_name_and_queue_full(live):
+    """A runs, B waits (queue of 1), C is refused with 503 + Retry-After; interrupting B by id leaves A running;
+    an interrupt without id stops A (the running one) at its next step; the server keeps serving."""
+    url, worker = live
+    a = Background(url, {**LONG, "force_task_id": "job-a"})
+    running_job(worker)
+    b = Background(url, {**LONG, "force_task_id": "job-b"})
+    wait_until(lambda: worker.queued() == 1, 10, "B queued")
+    status, headers, body = txt2img(url, {"prompt": "c", **SMALL})
+    assert status == 503 and int(headers["retry-after"]) >= 1 and body["code"] == 503
+
+    status, _, progress = call(url, "GET", "/sdapi/v1/progress")
+    assert status == 200 and progress["id"] == "job-a" and 0 < progress["progress"] < 1
+    assert progress["state"]["sampling_step"] > 0 and progress["state"]["job_count"] == 1
+    assert progress["current_image"] and decode_png(progress["current_image"]).size[0] > 0
+    assert "Stage C" in progress["textinfo"]
+    status, _, queued = call(url, "GET", "/sdapi/v1/progress?id_task=job-b&skip_current_image=true")
+    assert status == 200 and queued["progress"] == 0 and queued["state"]["status"] == "queued"
+
+    assert call(url, "POST", "/sdapi/v1/interrupt?id_task=job-b")[0] == 204
+    status, _, body = b.join()
+    assert status == 409 and "interrupt" in body["detail"]
+    assert worker.running is not None and worker.running.id == "job-a"  # A was not touched
+
+    step_at_interrupt = worker.running.step
+    assert call(url, "POST", "/sdapi/v1/interrupt", {})[0] == 204  # SD.Next's: the running one
+    status, _, body = a.join()
+    assert status == 409 and body["error"] == "Interrupted"
+    assert step_at_interrupt < 1000
+    assert call(url, "POST", "/sdapi/v1/interrupt?id_task=nope")[0] == 404
+    assert txt2img(url, {"prompt": "after", **SMALL})[0] == 200
+
+
+def test_client_disconnect_cancels_at_the_next_step(live):
+    url, worker = live
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/sdapi/v1/txt2img", body=json.dumps({**LONG, "force_task_id": "gone"}),
+                 headers={"Content-Type": "application/json"})
+    job = running_job(worker)
+    assert job.id == "gone"
+    conn.close()  # the client goes away mid-generation
+    wait_until(lambda: job.state == "failed", 15, "the abandoned job to stop")
+    assert job.stop_reason == "disconnect" and job.step < job.total
+    assert worker.running is None or worker.running.id != "gone"
+    assert txt2img(url, {"prompt": "next", **SMALL})[0] == 200
+
+
+def test_auth_limits_and_timeout(guarded, live):
+    url, worker = guarded
+    assert call(url, "GET", "/healthz")[0] == 200  # probes need no credentials
+    status, headers, body = call(url, "GET", "/sdapi/v1/sd-models")
+    assert status == 401 and headers["www-authenticate"].startswith("Basic") and body["code"] == 401
+    bad = base64.b64encode(b"alice:wrong").decode()
+    assert call(url, "GET", "/sdapi/v1/sd-models", headers={"Authorization": f"Basic {bad}"})[0] == 401
+    good = {"Authorization": "Basic " + base64.b64encode(b"alice:s3cret").decode()}
+    assert call(url, "GET", "/sdapi/v1/sd-models", headers=good)[0] == 200
+    assert call(url, "GET", "/sdapi/v1/sd-models", headers={"Authorization": "Bearer tok123"})[0] == 200
+    assert call(live[0], "GET", "/sdapi/v1/sd-models")[0] == 200  # auth off on the other server
+
+    status, _, body = txt2img(url, {"prompt": "x" * (80 * 1024)}, headers=good)
+    assert status == 413 and "larger than" in body["detail"]
+    status, _, body = txt2img(url, {"prompt": "a", "batch_size": 3, **SMALL}, headers=good)
+    assert status == 400 and "at most 2" in body["detail"]
+
+    t0 = time.monotonic()
+    status, _, body = txt2img(url, LONG, headers=good)
+    assert status == 504 and "timeout" in body["detail"] and time.monotonic() - t0 < 30
+    assert txt2img(url, {"prompt": "ok", **SMALL}, headers=good)[0] == 200
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"width": 100}, 400, "multiple of 128"),
+    ({"sampler_name": "No Such Sampler"}, 400, "sampler"),
+    ({"width": 4096, "height": 4096 + 128}, 400, "pixels"),
+    ({"sd_model_checkpoint": "../../etc/passwd"}, 400, "path"),
+    ({"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, 400, "path"),
+    ({"sd_model_checkpoint": "nothing-by-that-name"}, 400, "no model named"),
+    ({"steps": "many"}, 400, "prior_steps"),
+    ({"enable_hr": True}, 400, "enable_hr"),
+])
+def test_bad_inputs_answer_4xx_and_the_server_keeps_serving(live, body, status, words):
+    url, _ = live
+    got, _, answer = txt2img(url, {"prompt": "a", **SMALL, **body})
+    assert got == status and words in answer["detail"], answer
+    assert answer["error"] and answer["code"] == status  # SD.Next's error JSON
+
+
+def test_unparseable_bodies_and_images(live):
+    url, _ = live
+    assert call(url, "POST", "/sdapi/v1/txt2img", b"{not json")[0] == 400
+    status, _, body = call(url, "POST", "/sdapi/v1/img2img", {"prompt": "a", "init_images": ["@@@notbase64"], **SMALL})
+    assert status == 400 and "base64" in body["detail"]
+    junk = base64.b64encode(b"GIF89a but not really").decode()
+    assert call(url, "POST", "/sdapi/v1/img2img", {"prompt": "a", "init_images": [junk], **SMALL})[0] == 400
+    assert txt2img(url, {"prompt": "still fine", **SMALL})[0] == 200
+
+
+def test_img2img_from_a_base64_png(live):
+    url, _ = live
+    buffer = io.BytesIO()
+    Image.new("RGB", (128, 128), (200, 40, 40)).save(buffer, format="PNG")
+    status, _, body = call(url, "POST", "/sdapi/v1/img2img", {
+        "prompt": "a", "init_images": [base64.b64encode(buffer.getvalue()).decode()], "denoising_strength": 0.5,
+        "seed": 3, **SMALL})
+    assert status == 200, body
+    params = parse_infotext(decode_png(body["images"][0]).text["parameters"])
+    assert params["Denoising strength"] == "0.5"
+
+
+def test_models_options_health_and_metrics(live):
+    url, worker = live
+    status, _, models = call(url, "GET", "/sdapi/v1/sd-models")
+    assert status == 200 and models[0]["model_name"] == worker.catalog.default.name
+    assert set(models[0]) == {"title", "model_name", "filename", "type", "sha256", "hash", "config"}
+    assert "/" not in models[0]["filename"]  # no server path is shown
+    status, _, options = call(url, "GET", "/sdapi/v1/options")
+    assert options["sd_model_checkpoint"] == models[0]["title"] and options["cascade_compression"] == 42.0
+    status, _, answer = call(url, "POST", "/sdapi/v1/options", {"cascade_compression": 32, "samples_format": "png"})
+    assert status == 200 and answer["ignored"] == ["samples_format"]
+    try:
+        status, _, body = txt2img(url, {"prompt": "a", **SMALL})
+        assert parse_infotext(json.loads(body["info"])["infotexts"][0])["Compression"] == "32"
+        assert call(url, "POST", "/sdapi/v1/options", {"cascade_compression": 1000})[0] == 400
+    finally:
+        call(url, "POST", "/sdapi/v1/options", {"cascade_compression": 42})
+    status, _, health = call(url, "GET", "/healthz")
+    assert status == 200 and health["status"] == "ok" and health["model"] == models[0]["model_name"]
+    status, headers, text = call(url, "GET", "/metrics")
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    for name in ("cascade_requests_total", "cascade_queue_length", "cascade_step_seconds_bucket",
+                 "cascade_errors_total", "cascade_images_total"):
+        assert name in text
+    assert 'cascade_requests_total{endpoint="/sdapi/v1/txt2img",status="200"}' in text
+
+
+def test_serve_command_starts_and_answers(serve_deps, tmp_path):
+    """`python -m serving serve` (what `python -m cascade serve` runs): says it uses the tiny model, answers."""
+    from serving.server import free_port
+
+    port = free_port()
+    env = {**os.environ, "CASCADE_CACHE_DIR": os.environ["CASCADE_CACHE_DIR"], "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "serving", "serve", "--port", str(port), "--device", "cpu",
+                             "--quiet", "--threads", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                return call(url, "GET", "/healthz", timeout=2)[0] == 200
+            except OSError:
+                return False
+
+        wait_until(up, 90, "the server to start")
+        status, _, body = txt2img(url, {"prompt": "a", **SMALL})
+        assert status == 200 and len(body["images"]) == 1
+    finally:
+        proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    assert "TINY model with RANDOM weights" in err and "127.0.0.1" in err
+
+
+# --- batch jobs (local) -------------------------------------------------------------------------------------------
+def _jobs(path: Path) -> Path:
+    lines = [
+        json.dumps({"prompt": "one", "seed": 5, "batch_size": 2, **SMALL}),
+        "{this is not json",
+        json.dumps({"prompt": "two", "seed": -1, **SMALL}),
+        json.dumps({"prompt": "bad", "width": 100}),
+        json.dumps({"prompt": "three", "seed": 9, "n_iter": 2, **SMALL}),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_batch_resumes_with_every_image_once(serve_deps, tmp_path):
+    from serving.batch import run_batch_jobs
+    from serving.config import ServeConfig
+
+    jobs, out, said = _jobs(tmp_path / "jobs.jsonl"), tmp_path / "out", []
+    config = ServeConfig(device="cpu")
+    first = run_batch_jobs(jobs, out, config, quiet=True, stop_after=2, report=said.append)
+    assert first.made == 2 and first.bad_lines == 2
+    assert any(s.startswith("jobs.jsonl:2:") and "JSON" in s for s in said)
+    assert any(s.startswith("jobs.jsonl:4:") and "multiple of 128" in s for s in said)
+    # A crash after the PNG of the next image and before its record, a torn record, a temporary file:
+    (out / "000003-000.png").write_bytes(b"half")
+    with open(out / "results.jsonl", "a") as f:
+        f.write('{"line": 5, "ind')
+    (out / ".000005-000.png.abc.partial").write_bytes(b"x")
+
+    second = run_batch_jobs(jobs, out, config, quiet=True, report=said.append)
+    assert second.skipped == 2 and second.made == 3 and not second.failed
+    records = manifest(out)
+    keys = sorted((r["line"], r["index"]) for r in records)
+    assert keys == [(1, 0), (1, 1), (3, 0), (5, 0), (5, 1)]  # every image exactly once
+    assert sorted(p.name for p in out.iterdir()) == sorted([r["file"] for r in records] + ["results.jsonl"])
+    by_key = {(r["line"], r["index"]): r for r in records}
+    assert [by_key[(1, i)]["seed"] for i in (0, 1)] == [5, 6] and [by_key[(5, i)]["seed"] for i in (0, 1)] == [9, 10]
+    params = parse_infotext(Image.open(out / "000003-000.png").text["parameters"])
+    assert params["Prompt"] == "two" and int(params["Seed"]) == by_key[(3, 0)]["seed"]
+
+    third = run_batch_jobs(jobs, out, config, quiet=True, report=said.append)
+    assert third.made == 0 and third.skipped == 5 and len(manifest(out)) == 5
