@@ -75,6 +75,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from cascade.names import COMPONENTS as PHASES  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "gpu_memory.json"
 RESULTS_DRY = ROOT / "benchmarks" / "results" / "gpu_memory_dryrun.json"
 GiB = 1024**3
@@ -85,7 +87,6 @@ PEAK_SLACK = 0.05
 STAGE_OVERHEAD = 0.05
 DEFAULT_CASES = "16GiB:resident,16GiB:stage,8GiB:stream"
 DEFAULT_SIZES = "1024x1536,2048x1152"
-PHASES = ("text_encoder", "prior", "decoder", "vqgan")
 
 
 def log(msg: str) -> None:

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from . import configs
+from .names import COMPONENTS as PHASES  # the pipeline phases are its components, in execution order
 from .checkpoints import DECODER, PRIOR, STAGE_A, TEXT_ENCODER
 from .memtrace import peak_activation_bytes
 
 MODEL_FILE = Path(__file__).resolve().parent / "data" / "activation_model.json"
-PHASES = ("text_encoder", "prior", "decoder", "vqgan")
 _KIND = {"text_encoder": TEXT_ENCODER, "prior": PRIOR, "decoder": DECODER, "vqgan": STAGE_A}
 
 

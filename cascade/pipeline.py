@@ -33,11 +33,8 @@ from .request import GenerationRequest, StageSettings, validate
 
 log = logging.getLogger(__name__)
 
-PHASES = ("text_encoder", "prior", "decoder", "vqgan")
 # The components whose weights a phase's output depends on (where a NaN in its output can come from).
 PHASE_INPUTS = {"prior": ("text_encoder", "prior"), "decoder": ("text_encoder", "decoder"), "vqgan": ("vqgan",)}
-# Checkpoint part kinds -> pipeline component names (diffusers/SD.Next call Stage A "vqgan").
-COMPONENT_OF_PART = {"text_encoder": "text_encoder", "prior": "prior", "decoder": "decoder", "stage_a": "vqgan"}
 
 
 @dataclass

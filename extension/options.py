@@ -8,8 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from cascade import sampling
-from cascade.infotext import SAMPLER_TITLES, SCHEDULER_TITLES
+from cascade.names import SAMPLER_TITLES, SCHEDULER_TITLES
 
 from .library import AUTOMATIC
 from .params import OPTION_KEYS, CascadeSettings
@@ -56,7 +55,7 @@ def register(decoder_choices: Callable[[], list[str]], rescan: Callable[[], None
     from modules import shared
 
     defaults = CascadeSettings()
-    sampler_titles = {k: v for k, v in SAMPLER_TITLES.items() if k in sampling.SAMPLERS}
+    sampler_titles = dict(SAMPLER_TITLES)
     opts = {
         MODELS_DIR: shared.OptionInfo(
             "", f"Model folder (Stage C and Stage B files; empty = models/{FOLDER_NAME})", gr.Textbox, {},

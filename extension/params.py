@@ -14,13 +14,10 @@ import random
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Sequence
 
-from cascade import sampling
 from cascade.errors import InvalidRequestError
-from cascade.infotext import SAMPLER_TITLES, SCHEDULER_TITLES
+from cascade.names import DEFAULT_NAME, SAMPLER_TITLES, SCHEDULER_TITLES, UnknownNameError, resolve_sampler, resolve_scheduler
 from cascade.request import MAX_SEED, SIZE_MULTIPLE, STAGE_A_SCALE, StageSettings, default_decoder, default_prior
 
-# SD.Next sampler names that cascade.sampling does not know under that spelling.
-SDNEXT_SAMPLERS = {"default": "ddpm", "kdpm2": "dpm_2", "dpm sde": "dpmpp_sde"}
 
 
 @dataclass(frozen=True)
@@ -57,33 +54,25 @@ def resolve_settings(lookup: Callable[[str], Any]) -> CascadeSettings:
 
 
 def resolve_sdnext_sampler(name: str | None) -> str:
-    """SD.Next's sampler name -> canonical engine sampler; unknown ones raise with the list that works."""
-    if name is None or name == "":
-        return SDNEXT_SAMPLERS["default"]
-    key = name.strip().lower()
-    if key in SDNEXT_SAMPLERS:
-        return SDNEXT_SAMPLERS[key]
+    """SD.Next's sampler name for Stage C -> canonical engine sampler (cascade.names: "Default" is the model card's,
+    "KDPM2", "DPM SDE" and every other spelling SD.Next uses); unknown ones raise with the list that works."""
     try:
-        return sampling.resolve_sampler(name)
-    except ValueError:
-        usable = ["Default", *sorted(SAMPLER_TITLES.values())]
-        raise InvalidRequestError(
-            f"Sampler {name!r} is not available for Stable Cascade; use one of: {', '.join(usable)} "
-            "(Default = DDPM on SGM Uniform, the model card's prior sampler)."
-        ) from None
+        return resolve_sampler(name or DEFAULT_NAME, "prior")
+    except UnknownNameError as e:
+        raise InvalidRequestError(f"Sampler {name!r} is not available for Stable Cascade: {e}") from None
 
 
-def _scheduler(name: str, what: str) -> str:
+def _scheduler(name: str, what: str, stage: str) -> str:
     try:
-        return sampling.resolve_scheduler(name)
-    except ValueError as e:
+        return resolve_scheduler(name, stage)
+    except UnknownNameError as e:
         raise InvalidRequestError(f"{what}: {e}") from None
 
 
-def _sampler(name: str, what: str) -> str:
+def _sampler(name: str, what: str, stage: str) -> str:
     try:
-        return sampling.resolve_sampler(name)
-    except ValueError as e:
+        return resolve_sampler(name, stage)
+    except UnknownNameError as e:
         raise InvalidRequestError(f"{what}: {e}") from None
 
 
@@ -93,7 +82,7 @@ def prior_stage(steps: int, cfg: float, sampler_name: str | None, settings: Casc
         steps=int(steps),
         cfg=float(cfg),
         sampler=resolve_sdnext_sampler(sampler_name),
-        scheduler=_scheduler(settings.prior_scheduler, "prior schedule (cascade_prior_scheduler)"),
+        scheduler=_scheduler(settings.prior_scheduler, "prior schedule (cascade_prior_scheduler)", "prior"),
         shift=float(settings.prior_shift),
     )
 
@@ -108,8 +97,8 @@ def decoder_stage(steps: int, cfg: float, settings: CascadeSettings) -> StageSet
     return StageSettings(
         steps=int(steps),
         cfg=float(cfg),
-        sampler=_sampler(settings.decoder_sampler, "decoder sampler (cascade_decoder_sampler)"),
-        scheduler=_scheduler(settings.decoder_scheduler, "decoder schedule (cascade_decoder_scheduler)"),
+        sampler=_sampler(settings.decoder_sampler, "decoder sampler (cascade_decoder_sampler)", "decoder"),
+        scheduler=_scheduler(settings.decoder_scheduler, "decoder schedule (cascade_decoder_scheduler)", "decoder"),
         shift=float(settings.decoder_shift),
     )
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping
 
 import torch
 from diffusers import DDPMWuerstchenScheduler, StableCascadeCombinedPipeline
@@ -32,14 +32,7 @@ from diffusers.utils import BaseOutput
 from cascade import sampling
 from cascade.errors import GenerationInterrupted, InvalidRequestError
 from cascade.pipeline import CascadePipeline, Conditioning, StepEvent, to_pil
-from cascade.request import (
-    STAGE_A_SCALE,
-    GenerationRequest,
-    StageSettings,
-    default_decoder,
-    default_prior,
-    validate,
-)
+from cascade.request import STAGE_A_SCALE, build_request, default_decoder, default_prior
 
 from .errors import host_error
 
@@ -282,9 +275,11 @@ class StableCascadeSingleFilePipeline(StableCascadeCombinedPipeline):
         stage_a_scale: float = STAGE_A_SCALE,
         guidance_rescale: float = 0.0,
         seeds: list[int] | None = None,
+        cascade_fields: Mapping[str, Any] | None = None,
     ):
         """Generate images. Prior: steps/CFG/sampler of Stage C; decoder: Stage B's; `seeds` or `generator`
-        (one per image) seed each image's noise, so image i of a batch equals a single run with its seed."""
+        (one per image) seed each image's noise, so image i of a batch equals a single run with its seed.
+        `cascade_fields`: any other flat request fields (cascade.request.build_request names) a host sets."""
         if self.load_error is not None:
             raise self.load_error
         host = self.host or PipelineHost()
@@ -304,18 +299,20 @@ class StableCascadeSingleFilePipeline(StableCascadeCombinedPipeline):
                 if len(negatives) != n_prompts:
                     raise InvalidRequestError(f"{len(negatives)} negative prompts for {n_prompts} prompts")
                 negatives = [t for t in negatives for _ in range(num_images_per_prompt)]
-            prior = StageSettings(int(prior_num_inference_steps), float(prior_guidance_scale),
-                                  sampling.resolve_sampler(prior_sampler), sampling.resolve_scheduler(prior_scheduler),
-                                  float(prior_shift))
-            decoder = StageSettings(int(num_inference_steps), float(decoder_guidance_scale),
-                                    sampling.resolve_sampler(decoder_sampler),
-                                    sampling.resolve_scheduler(decoder_scheduler), float(decoder_shift))
             all_seeds = _seed_list(seeds, generator, batch)
-            base = GenerationRequest(prompt=(prompts or [""])[0], negative_prompt=(negatives or [""])[0],
-                                     width=int(width), height=int(height), seed=all_seeds[0], batch_size=1,
-                                     prior=prior, decoder=decoder, compression=float(compression),
-                                     stage_a_scale=float(stage_a_scale), cfg_rescale=float(guidance_rescale or 0.0))
-            validate(base)
+            # One request for the whole call through the engine's one constructor (names resolved, every value
+            # checked); each run of consecutive seeds below is this request with its seed and batch size.
+            base = build_request({
+                "prompt": (prompts or [""])[0], "negative_prompt": (negatives or [""])[0], "width": width,
+                "height": height, "seed": all_seeds[0], "batch_size": 1,
+                "prior_steps": prior_num_inference_steps, "prior_cfg": prior_guidance_scale,
+                "prior_sampler": prior_sampler, "prior_scheduler": prior_scheduler, "prior_shift": prior_shift,
+                "decoder_steps": num_inference_steps, "decoder_cfg": decoder_guidance_scale,
+                "decoder_sampler": decoder_sampler, "decoder_scheduler": decoder_scheduler,
+                "decoder_shift": decoder_shift, "compression": compression, "stage_a_scale": stage_a_scale,
+                "cfg_rescale": guidance_rescale or 0.0, **(cascade_fields or {}),
+            })
+            prior, decoder = base.prior, base.decoder
             if prompts is not None and prompt_embeds is not None:
                 log.debug("Stable Cascade: prompt text given; host prompt embeddings are not used (re-encoded)")
             cond = self._conditioning(prompts, prompt_embeds, prompt_embeds_pooled if prompt_embeds_pooled is not None
@@ -327,9 +324,8 @@ class StableCascadeSingleFilePipeline(StableCascadeCombinedPipeline):
                 raise InvalidRequestError(f"{len(cond)} prompt and {len(uncond)} negative prompt conditionings for "
                                           f"{batch} images")
             runs = _consecutive_runs(all_seeds, [(c.hidden.shape[1], u.hidden.shape[1]) for c, u in zip(cond, uncond)])
-            totals = {"prior": len(sampling.sigmas_for(prior.sampler, prior.scheduler, prior.steps, prior.shift)) - 1,
-                      "decoder": len(sampling.sigmas_for(decoder.sampler, decoder.scheduler, decoder.steps,
-                                                         decoder.shift)) - 1}
+            totals = {stage: len(sampling.sigmas_for(st.sampler, st.scheduler, st.steps, st.shift, st.denoise)) - 1
+                      for stage, st in (("prior", prior), ("decoder", decoder))}
             host.begin((totals["prior"] + totals["decoder"]) * len(runs))
         except Exception as e:
             raise host_error(e, "request") from e
@@ -346,10 +342,7 @@ class StableCascadeSingleFilePipeline(StableCascadeCombinedPipeline):
         interrupted = False
         try:
             for start, end in runs:
-                request = GenerationRequest(
-                    prompt=base.prompt, negative_prompt=base.negative_prompt, width=base.width, height=base.height,
-                    seed=all_seeds[start], batch_size=end - start, prior=prior, decoder=decoder,
-                    compression=base.compression, stage_a_scale=base.stage_a_scale, cfg_rescale=base.cfg_rescale)
+                request = replace(base, seed=all_seeds[start], batch_size=end - start)
                 result = self.engine.generate(
                     request, callback=on_step, interrupt=host.should_stop,
                     cond=_rows(cond, start, end), uncond=_rows(uncond, start, end))
