@@ -39,8 +39,25 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
+def path_arg(text: str) -> str:
+    """A file path flag: refused at parse time when no file can have that name (a NUL byte)."""
+    if "\x00" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} contains a NUL byte, which no file name can hold")
+    return text
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown where they say something (not for unset options and switches), every option listed."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, [], "", argparse.SUPPRESS) or "%(default)" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=34, width=118)
+    return _HelpFormatter(prog, max_help_position=34, width=118)
 
 
 def _sub(sub, name: str, **kw) -> argparse.ArgumentParser:
@@ -52,10 +69,16 @@ def _names(table: dict) -> str:
 
 
 def _add_model_files(g: argparse.ArgumentParser) -> None:
-    g.add_argument("--prior", help="Stage C file or diffusers folder (the 'main' file); none = the tiny test model")
-    g.add_argument("--decoder", help="Stage B file or diffusers folder (the 'decoder' file)")
-    g.add_argument("--text-encoder", help="CLIP-G file when the prior file has none")
-    g.add_argument("--stage-a", help="Stage A file when the decoder file has none")
+    g.add_argument("--prior", type=path_arg, help="Stage C file or diffusers folder (the 'main' file); none = the tiny test model")
+    g.add_argument("--decoder", type=path_arg, help="Stage B file or diffusers folder (the 'decoder' file)")
+    g.add_argument("--text-encoder", type=path_arg, help="CLIP-G file when the prior file has none")
+    g.add_argument("--stage-a", type=path_arg, help="Stage A file when the decoder file has none")
+
+
+def _lora_arg(text: str):
+    from .lora import lora_arg  # lazily: torch is not imported to parse flags
+
+    return lora_arg(text)
 
 
 def _add_generate(sub) -> None:
@@ -65,9 +88,9 @@ def _add_generate(sub) -> None:
 
     p, d = default_prior(), default_decoder()
     g = _sub(sub, "generate", help="text (or image) to image", description="Generate images with Stable Cascade.")
-    g.add_argument("prompt")
-    g.add_argument("--negative", "--negative-prompt", dest="negative_prompt", default="")
-    g.add_argument("--out", default="out.png", help="output PNG (batch: <stem>-<seed>.png)")
+    g.add_argument("prompt", help="the prompt (A1111 weights: (word:1.2), BREAK)")
+    g.add_argument("--negative", "--negative-prompt", dest="negative_prompt", default="", help="negative prompt")
+    g.add_argument("--out", type=path_arg, default="out.png", help="output PNG (batch: <stem>-<seed>.png)")
     _add_model_files(g)
     g.add_argument("--width", type=int, default=1024, help="a multiple of 128")
     g.add_argument("--height", type=int, default=1024, help="a multiple of 128")
@@ -75,16 +98,16 @@ def _add_generate(sub) -> None:
     g.add_argument("--batch", dest="batch_size", type=int, default=1, help="images per prompt")
     stage = g.add_argument_group("sampling", f"samplers: {_names(SAMPLERS)}, Default; schedulers: "
                                              f"{_names(SCHEDULERS)}, Default (any spelling SD.Next or ComfyUI uses)")
-    stage.add_argument("--steps", "--prior-steps", dest="prior_steps", type=int, default=p.steps)
-    stage.add_argument("--cfg", "--prior-cfg", dest="prior_cfg", type=float, default=p.cfg)
-    stage.add_argument("--prior-sampler", default=p.sampler)
-    stage.add_argument("--prior-scheduler", default=p.scheduler)
-    stage.add_argument("--prior-shift", type=float, default=p.shift)
-    stage.add_argument("--decoder-steps", type=int, default=d.steps)
-    stage.add_argument("--decoder-cfg", type=float, default=d.cfg)
-    stage.add_argument("--decoder-sampler", default=d.sampler)
-    stage.add_argument("--decoder-scheduler", default=d.scheduler)
-    stage.add_argument("--decoder-shift", type=float, default=d.shift)
+    stage.add_argument("--steps", "--prior-steps", dest="prior_steps", type=int, default=p.steps, help="Stage C steps")
+    stage.add_argument("--cfg", "--prior-cfg", dest="prior_cfg", type=float, default=p.cfg, help="Stage C CFG")
+    stage.add_argument("--prior-sampler", default=p.sampler, help="Stage C sampler")
+    stage.add_argument("--prior-scheduler", default=p.scheduler, help="Stage C schedule")
+    stage.add_argument("--prior-shift", type=float, default=p.shift, help="Stage C schedule shift")
+    stage.add_argument("--decoder-steps", type=int, default=d.steps, help="Stage B steps")
+    stage.add_argument("--decoder-cfg", type=float, default=d.cfg, help="Stage B CFG (card: 1-1.2)")
+    stage.add_argument("--decoder-sampler", default=d.sampler, help="Stage B sampler")
+    stage.add_argument("--decoder-scheduler", default=d.scheduler, help="Stage B schedule")
+    stage.add_argument("--decoder-shift", type=float, default=d.shift, help="Stage B schedule shift")
     stage.add_argument("--decoder-seed", type=int, default=None, help="Stage B seed (ComfyUI's second KSampler); "
                                                                        "default: the seed")
     stage.add_argument("--compression", type=float, default=42.0, help="Stage C compression (model card: 42, 32-64)")
@@ -95,21 +118,22 @@ def _add_generate(sub) -> None:
     stage.add_argument("--preset", default="auto", choices=("auto", "none", *PRESETS),
                        help="prompt preset: auto (by checkpoint name/metadata), none, or a preset")
     images = g.add_argument_group("image inputs")
-    images.add_argument("--image", help="init image: Stage C starts from its encoding (img2img)")
+    images.add_argument("--image", type=path_arg, help="init image: Stage C starts from its encoding (img2img)")
     images.add_argument("--denoise", dest="prior_denoise", type=float, default=1.0,
                         help="img2img strength for --image (1 = ignore the image)")
-    images.add_argument("--decoder-image", help="Stage B starts from this image's Stage A encoding")
+    images.add_argument("--decoder-image", type=path_arg, help="Stage B starts from this image's Stage A encoding")
     images.add_argument("--decoder-denoise", type=float, default=1.0, help="strength for --decoder-image")
-    images.add_argument("--image-prompt", dest="image_prompts", action="append", default=[],
+    images.add_argument("--image-prompt", dest="image_prompts", type=path_arg, action="append", default=[],
                         help="image prompt (image variations through CLIP vision); repeatable")
-    images.add_argument("--image-prompt-strength", type=float, default=1.0)
+    images.add_argument("--image-prompt-strength", type=float, default=1.0, help="weight of the image prompts")
     images.add_argument("--upscale", type=int, default=1, help="Stage B renders at this multiple of the size (1-4)")
-    images.add_argument("--stage-c-encoder", help="EfficientNet encoder file for --image when the main file has none")
-    images.add_argument("--clip-vision", help="CLIP-L vision file for --image-prompt when the main file has none")
-    images.add_argument("--previewer", help="Stage C previewer file for --preview when the main file has none")
-    images.add_argument("--preview", help="keep writing a live preview PNG of the first image here")
+    images.add_argument("--stage-c-encoder", type=path_arg, help="EfficientNet encoder file for --image when the main file has none")
+    images.add_argument("--clip-vision", type=path_arg, help="CLIP-L vision file for --image-prompt when the main file has none")
+    images.add_argument("--previewer", type=path_arg, help="Stage C previewer file for --preview when the main file has none")
+    images.add_argument("--preview", type=path_arg, help="keep writing a live preview PNG of the first image here")
     images.add_argument("--preview-every", type=int, default=4, help="steps between previews (with --preview)")
     _add_device_args(g)
+    g.add_argument("--lora", dest="loras", action="append", default=[], type=_lora_arg, metavar="FILE[:WEIGHT[:TE_WEIGHT]]", help="a LoRA (repeatable); weight default 1, TE_WEIGHT default WEIGHT (README: LoRA)")
     g.add_argument("--quiet", action="store_true", help="no progress lines or bars")
 
 
@@ -213,23 +237,23 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_generate(sub)
     i = _sub(sub, "inspect", help="say what checkpoint files are (headers only)")
-    i.add_argument("files", nargs="+")
+    i.add_argument("files", nargs="+", type=path_arg, help="checkpoint files or diffusers folders")
     i.add_argument("--json", action="store_true", help="one JSON list, one entry per file")
     b = _sub(sub, "backends", help="what this machine offers and what would be chosen")
     b.add_argument("--device", default=None, help=DEVICE_HELP)
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--json", action="store_true", help="the report as JSON")
     pl = _sub(sub, "plan", help="the memory plan for a size and budget (headers only, no loading)")
     _add_model_files(pl)
-    pl.add_argument("--width", type=int, default=1024)
-    pl.add_argument("--height", type=int, default=1024)
-    pl.add_argument("--batch", dest="batch_size", type=int, default=1)
-    pl.add_argument("--compression", type=float, default=42.0)
-    pl.add_argument("--cfg", dest="prior_cfg", type=float, default=7.0)
-    pl.add_argument("--decoder-cfg", type=float, default=1.0)
+    pl.add_argument("--width", type=int, default=1024, help="image width")
+    pl.add_argument("--height", type=int, default=1024, help="image height")
+    pl.add_argument("--batch", dest="batch_size", type=int, default=1, help="images per run")
+    pl.add_argument("--compression", type=float, default=42.0, help="Stage C compression")
+    pl.add_argument("--cfg", dest="prior_cfg", type=float, default=7.0, help="Stage C CFG (1 = one pass)")
+    pl.add_argument("--decoder-cfg", type=float, default=1.0, help="Stage B CFG")
     pl.add_argument("--variant", choices=("big", "lite"), default="big",
                     help="without --prior/--decoder: plan for the official big or lite models")
     _add_device_args(pl)
-    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--json", action="store_true", help="the plan as JSON")
     _sub(sub, "tags", help="the SoteDiffusion tag vocabulary")
     commands = {"generate": cmd_generate, "inspect": cmd_inspect, "backends": cmd_backends, "plan": cmd_plan,
                 "tags": cmd_tags, **_add_serving(sub)}
@@ -265,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(levelname)s %(name)s: %(message)s")
         return commands[args.command](args)
     except (CascadeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
-        _error(str(err) if isinstance(err, CascadeError) else f"{err.strerror}: {err.filename}")
+        _error(str(err) if isinstance(err, CascadeError) or not err.strerror else f"{err.strerror}: {err.filename}")
         return 2
     except KeyboardInterrupt:
         print("interrupted; nothing half-written was left", file=sys.stderr)

@@ -57,11 +57,16 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     fields = {name: getattr(args, name) for name in request_field_names() if hasattr(args, name)}
     for name, what in IMAGE_FLAGS.items():
         if fields.get(name) is not None:
-            fields[name] = load_image(fields[name], what)
-    fields["image_prompts"] = tuple(load_image(p, f"image prompt {i + 1}")
+            fields[name] = load_image(fields[name], f"{what} {Path(fields[name]).name}")
+    fields["image_prompts"] = tuple(load_image(p, f"image prompt {i + 1} {Path(p).name}")
                                     for i, p in enumerate(fields.get("image_prompts") or ()))
     if getattr(args, "preview", None):
         fields["preview_every"] = args.preview_every
+    from .lora import read_lora
+
+    fields["loras"] = tuple(fields.get("loras") or ())
+    for path, _, _ in fields["loras"]:
+        read_lora(path)  # a missing file, not a LoRA, another family's or an unsupported type: before any load
     return build_request(fields).with_seed()
 
 
@@ -196,6 +201,9 @@ def generate_to_files(args: argparse.Namespace) -> list[tuple[Path, int]]:
     names = checkpoint_names(session, args)
     extra = {"Preset": preset} if preset else {}
     extra["Offload"] = session.placement_name
+    from .lora import infotext_fields
+
+    extra.update(infotext_fields(entry[0] for entry in result.request.loras))
     written = []
     for image, seed, path in zip(to_pil(result.images), result.seeds, targets):
         text = build_infotext(result.request, seed, dtypes=result.dtypes, extra=extra, **names)
