@@ -161,7 +161,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for path in args.files:
         try:
             info = describe(scan(path))
-        except CascadeError as err:
+        except (CascadeError, OSError) as err:
             documents.append({"path": str(path), "error": str(err)})
             if not args.json:
                 print(f"{printable(str(path))}: ERROR: {err}")
@@ -180,6 +180,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               + (f" (e.g. {', '.join(printable(k) for k in unknown[:5])})" if unknown else ""))
     if args.json:
         print(json.dumps(documents, indent=2))
+    failed = sum("error" in d for d in documents)
+    if failed:
+        _error(f"{failed} of {len(documents)} files could not be used (reasons above)")
     return status
 
 
@@ -288,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
         return commands[args.command](args)
-    except (CascadeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except (CascadeError, OSError) as err:  # OSError: a file that is missing, unreadable or fails to read
         _error(str(err) if isinstance(err, CascadeError) or not err.strerror else f"{err.strerror}: {err.filename}")
         return 2
     except KeyboardInterrupt:
@@ -297,8 +302,6 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("terminated; nothing half-written was left", file=sys.stderr)
         return 143
-    except BrokenPipeError:
-        return _quiet_broken_pipe()
     except Exception as err:  # noqa: BLE001 - a bug or an unexpected runtime failure: one line, traceback with -v
         from .errors import describe_unexpected
 
