@@ -544,3 +544,37 @@ def describe(lora: LoraFile) -> dict:
 
 def iter_layers(lora: LoraFile) -> Iterable[LoraLayer]:
     return lora.layers.values()
+
+
+def lora_arg(text: str) -> tuple[str, float, float | None]:
+    """argparse `type` of `--lora FILE[:WEIGHT[:TE_WEIGHT]]`: the parsed entry, or a one-line usage error."""
+    import argparse
+
+    try:
+        return parse_lora_arg(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def addnet_hash(path: str | Path) -> str:
+    """sha256 of a safetensors file's tensor data (everything after the header), the 'addnet' hash A1111 and
+    SD.Next use for LoRAs (SD.Next modules/hashes.py addnet_hash_safetensors): metadata edits do not change it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def infotext_fields(paths: Iterable[str | Path]) -> dict[str, str]:
+    """SD.Next's infotext fields for the LoRAs of an image (modules/lora/extra_networks_lora.py infotext):
+    `LoRA networks` (names, comma-joined) and `LoRA hashes` (first 8 hex of each addnet hash)."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        return {}
+    return {"LoRA networks": ", ".join(p.stem for p in paths),
+            "LoRA hashes": ", ".join(addnet_hash(p)[:8] for p in paths)}

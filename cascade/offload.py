@@ -201,6 +201,11 @@ class Executor:
         self.plan, self.option = plan, next((o for o in lower if o.fits), plan.option("sequential"))
         log.warning("%s now runs in %s: continuing with the %r memory plan", component, dtype, self.option.mode)
 
+    def host_copies(self) -> dict[tuple[int, str], torch.Tensor]:
+        """(id(module), attribute) -> the host copy every upload of that weight reads (none before the first phase).
+        Code that edits weights in place (cascade.lora_apply) edits these too, or the next upload would undo it."""
+        return {slot.key: slot.host for part in self._parts.values() for slot in part.slots}
+
     def _release_all(self) -> None:
         """Take every component off the device; weights whose only copy is there (resident plan) go home first."""
         for name in COMPONENTS:

@@ -485,17 +485,30 @@ class CascadePipeline:
         cond: Conditioning | None = None,
         uncond: Conditioning | None = None,
     ) -> GenerationResult:
-        """Run one request end to end. `cond`/`uncond` let a host pass its own prompt encodings (one per prompt)."""
+        """Run one request end to end. `cond`/`uncond` let a host pass its own prompt encodings (one per prompt).
+
+        `request.loras` are merged for this request and the original weights restored after it, also on error or
+        interrupt (cascade.lora_apply); a LoRA that does not fit is refused before any weight changes."""
+        from .lora_apply import applied
+
         validate(request)
         request = request.with_seed()
         self.require_parts(request)
+        with applied(self, request.loras) as loras:
+            result = self._generate(request, callback, interrupt, cond, uncond)
+        if loras is not None:
+            result.timings["lora_merge"] = loras.seconds
+        return result
+
+    def _generate(self, request: GenerationRequest, callback, interrupt, cond: Conditioning | None,
+                  uncond: Conditioning | None) -> GenerationResult:
         timings: dict[str, float] = {}
         warnings: list[str] = []
         t0 = time.perf_counter()
         if cond is None:
-            cond = self._run_phase("text_encoder", lambda: self.encode([request.prompt]), warnings)
+            cond = self._run_phase("text_encoder", lambda: self.encode([request.prompt], request.prompt_syntax), warnings)
         if uncond is None:
-            uncond = self._run_phase("text_encoder", lambda: self.encode([request.negative_prompt]), warnings)
+            uncond = self._run_phase("text_encoder", lambda: self.encode([request.negative_prompt], request.prompt_syntax), warnings)
         batch = request.batch_size
         cond = cond if cond.hidden.shape[0] == batch else cond.repeat(batch // cond.hidden.shape[0])
         uncond = uncond if uncond.hidden.shape[0] == batch else uncond.repeat(batch // uncond.hidden.shape[0])

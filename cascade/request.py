@@ -85,8 +85,12 @@ class GenerationRequest:
     preview_every: int = 0
     decoder_seed: int | None = None
     noise: str = "cpu"
+    prompt_syntax: str = "a1111"  # prompt-weight syntax, cascade.prompts.SYNTAXES: "a1111" (SD.Next) or "comfyui"
+    loras: tuple = ()  # (path, unet weight, text-encoder weight or None = unet weight) per LoRA (cascade.lora_apply)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.loras, tuple):
+            object.__setattr__(self, "loras", tuple(self.loras or ()))
         prompts = self.image_prompts
         if prompts is None:
             object.__setattr__(self, "image_prompts", ())
@@ -181,8 +185,34 @@ def validate(request: GenerationRequest) -> None:
             problems.append(f"{stage_name} denoise {stage.denoise} must be in (0, 1]")
     problems += _image_problems(request)
     problems += _reproduction_problems(request)
+    problems += _lora_problems(request)
     if problems:
         raise InvalidRequestError("Invalid request: " + "; ".join(problems) + ".")
+
+
+MAX_LORA_WEIGHT = 100.0  # ComfyUI LoraLoader's strength range
+
+
+def _lora_problems(request: GenerationRequest) -> list[str]:
+    """Each LoRA a (path, unet weight[, text-encoder weight]) with finite weights (the files are read later)."""
+    from .lora_apply import MAX_LORAS, as_entry
+
+    problems = []
+    if len(request.loras) > MAX_LORAS:
+        problems.append(f"{len(request.loras)} LoRAs: at most {MAX_LORAS}")
+    for i, item in enumerate(request.loras):
+        try:
+            entry = as_entry(item)
+        except TypeError as err:
+            problems.append(f"LoRA {i + 1}: {err}")
+            continue
+        if not entry.path:
+            problems.append(f"LoRA {i + 1} has no file name")
+        for what, w in (("weight", entry.unet), ("text-encoder weight", entry.text_encoder)):
+            if w is not None and (isinstance(w, bool) or not _finite(w) or abs(w) > MAX_LORA_WEIGHT):
+                problems.append(f"LoRA {i + 1} {what} {w!r} must be a number from -{MAX_LORA_WEIGHT:g} to "
+                                f"{MAX_LORA_WEIGHT:g}")
+    return problems
 
 
 NOISE_MODES = ("cpu", "comfyui")  # cascade.sampling.NOISE_MODES (kept import-free here)
@@ -191,6 +221,10 @@ NOISE_MODES = ("cpu", "comfyui")  # cascade.sampling.NOISE_MODES (kept import-fr
 def _reproduction_problems(request: GenerationRequest) -> list[str]:
     """The noise mode and the Stage B seed (issue 11: ComfyUI parity)."""
     problems = []
+    from .prompts import SYNTAXES
+
+    if request.prompt_syntax not in SYNTAXES:
+        problems.append(f"prompt syntax {request.prompt_syntax!r} must be one of: {', '.join(SYNTAXES)}")
     if request.noise not in NOISE_MODES:
         problems.append(f"noise {request.noise!r} must be one of: {', '.join(NOISE_MODES)} (cpu = seed + i per "
                         "image on any device; comfyui = ComfyUI's noise for the batch)")
