@@ -311,12 +311,13 @@ class CascadePipeline:
 
     # --- text ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, prompts: list[str]) -> Conditioning:
-        """CLIP-G conditioning for each prompt (weights, long prompts and BREAK handled by cascade.text)."""
+    def encode(self, prompts: list[str], syntax: str = "a1111") -> Conditioning:
+        """CLIP-G conditioning for each prompt (weights, long prompts and BREAK handled by cascade.text), the weights
+        read in `syntax` (cascade.prompts.SYNTAXES)."""
         from .text import encode_prompts
 
         self._enter("text_encoder")
-        hidden, pooled = encode_prompts(self.text_encoder, self.tokenizer, prompts)
+        hidden, pooled = encode_prompts(self.text_encoder, self.tokenizer, prompts, syntax=syntax)
         return Conditioning(hidden.float(), pooled.float())
 
     def _sample_stage(
@@ -505,10 +506,11 @@ class CascadePipeline:
         timings: dict[str, float] = {}
         warnings: list[str] = []
         t0 = time.perf_counter()
+        syntax = request.prompt_syntax
         if cond is None:
-            cond = self._run_phase("text_encoder", lambda: self.encode([request.prompt], request.prompt_syntax), warnings)
+            cond = self._run_phase("text_encoder", lambda: self.encode([request.prompt], syntax), warnings)
         if uncond is None:
-            uncond = self._run_phase("text_encoder", lambda: self.encode([request.negative_prompt], request.prompt_syntax), warnings)
+            uncond = self._run_phase("text_encoder", lambda: self.encode([request.negative_prompt], syntax), warnings)
         batch = request.batch_size
         cond = cond if cond.hidden.shape[0] == batch else cond.repeat(batch // cond.hidden.shape[0])
         uncond = uncond if uncond.hidden.shape[0] == batch else uncond.repeat(batch // uncond.hidden.shape[0])

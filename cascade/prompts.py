@@ -1,4 +1,4 @@
-"""A1111 / SD.Next prompt-weight syntax.
+"""Prompt-weight syntaxes: A1111 / SD.Next's (the default) and ComfyUI's (``parse_comfyui_weights``).
 
 Users arrive from A1111 and SD.Next with prompts such as ``a (red:1.3) [blurry] cat BREAK background``; this module
 turns such a prompt into ``(text, weight)`` segments with exactly the results of A1111's
@@ -18,8 +18,10 @@ is not taken as a weight, so its characters stay literal and the ``)`` closes th
 
 from __future__ import annotations
 
+import math
 import re
 
+SYNTAXES: tuple[str, ...] = ("a1111", "comfyui")  # the request's `prompt_syntax` values
 BREAK = "BREAK"
 BREAK_WEIGHT = -1.0
 ROUND_MULTIPLIER = 1.1
@@ -110,3 +112,95 @@ def _merge_equal_weights(segments: list[list]) -> list[tuple[str, float]]:
         else:
             merged.append((text, weight))
     return merged
+
+
+# --- ComfyUI -----------------------------------------------------------------------------------------------------
+# ComfyUI's syntax (comfy/sd1_clip.py: escape_important, parse_parentheses, token_weights), as behaviour:
+# - only ``\(`` and ``\)`` are escapes (the backslash is dropped); every other backslash, ``[``, ``]`` and the word
+#   BREAK are plain text;
+# - a top-level group runs from a "(" at depth 0 to the ")" that brings the depth back to 0; a ")" with nothing
+#   open makes the depth negative and is text, and so is a "(" met at a non-zero depth;
+# - a group ``(inner)`` gets weight ``outer * 1.1``; if the last ":" of inner is not its first character and the
+#   rest parses as a Python float, that number *replaces* the weight (``((a:1.5))`` is 1.5, not 1.65);
+# - the inner text is parsed again at the group's weight; a group left open at the end is text;
+# - segments are not merged (each is tokenized on its own) and an empty group vanishes.
+_ESCAPES = {"\\(": "\x00\x02", "\\)": "\x00\x01"}  # placeholders that contain no parenthesis
+COMFY_MULTIPLIER = 1.1
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Top-level pieces: plain runs and whole "(...)" groups, by ComfyUI's depth rule (see above)."""
+    pieces: list[str] = []
+    current, depth = "", 0
+    for char in text:
+        if char == "(" and depth == 0:
+            if current:
+                pieces.append(current)
+            current = "("
+            depth = 1
+        elif char == "(":
+            current += char
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            current += char
+            if depth == 0:
+                pieces.append(current)
+                current = ""
+        else:
+            current += char
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def _group_weight(inner: str, weight: float) -> tuple[str, float]:
+    """(text, weight) of a group's content: 1.1 x the outer weight, or the number after its last ':'."""
+    colon = inner.rfind(":")
+    if colon > 0:
+        try:
+            value = float(inner[colon + 1 :])
+        except ValueError:
+            return inner, weight * COMFY_MULTIPLIER
+        return inner[:colon], value
+    return inner, weight * COMFY_MULTIPLIER
+
+
+def _comfy_segments(text: str, weight: float) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    for piece in _split_top_level(text):
+        if len(piece) >= 2 and piece[0] == "(" and piece[-1] == ")":
+            out += _comfy_segments(*_group_weight(piece[1:-1], weight))
+        else:
+            out.append((piece, weight))
+    return out
+
+
+def parse_comfyui_weights(text: str) -> list[tuple[str, float]]:
+    """Split ``text`` into ``(segment, weight)`` pairs as ComfyUI's CLIPTextEncode does (rules above); an empty
+    prompt gives ``[]``. One difference: a weight that is not finite (``(a:nan)``, ``(a:inf)``), which ComfyUI
+    would turn into a NaN conditioning, raises ValueError.
+
+    >>> parse_comfyui_weights("a ((b:1.5)) [c]")
+    [('a ', 1.0), ('b', 1.5), (' [c]', 1.0)]
+    """
+    for escape, placeholder in _ESCAPES.items():
+        text = text.replace(escape, placeholder)
+    restore = {placeholder: escape[1] for escape, placeholder in _ESCAPES.items()}
+    out = []
+    for segment, weight in _comfy_segments(text, 1.0):
+        for placeholder, char in restore.items():
+            segment = segment.replace(placeholder, char)
+        if not math.isfinite(weight):
+            raise ValueError(f"prompt weight {weight} on {segment!r} is not a finite number")
+        out.append((segment, weight))
+    return out
+
+
+def parse_weights(text: str, syntax: str = "a1111") -> list[tuple[str, float]]:
+    """The ``(text, weight)`` segments of a prompt in `syntax` ("a1111": with BREAK markers; "comfyui")."""
+    if syntax == "a1111":
+        return parse_prompt_attention(text)
+    if syntax == "comfyui":
+        return parse_comfyui_weights(text)
+    raise ValueError(f"unknown prompt syntax {syntax!r}; use one of: {', '.join(SYNTAXES)}")

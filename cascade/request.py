@@ -85,6 +85,7 @@ class GenerationRequest:
     preview_every: int = 0
     decoder_seed: int | None = None
     noise: str = "cpu"
+    prompt_syntax: str = "a1111"  # prompt-weight syntax, cascade.prompts.SYNTAXES: "a1111" (SD.Next) or "comfyui"
     loras: tuple = ()  # (path, unet weight, text-encoder weight or None = unet weight) per LoRA (cascade.lora_apply)
 
     def __post_init__(self) -> None:
@@ -220,6 +221,10 @@ NOISE_MODES = ("cpu", "comfyui")  # cascade.sampling.NOISE_MODES (kept import-fr
 def _reproduction_problems(request: GenerationRequest) -> list[str]:
     """The noise mode and the Stage B seed (issue 11: ComfyUI parity)."""
     problems = []
+    from .prompts import SYNTAXES
+
+    if request.prompt_syntax not in SYNTAXES:
+        problems.append(f"prompt syntax {request.prompt_syntax!r} must be one of: {', '.join(SYNTAXES)}")
     if request.noise not in NOISE_MODES:
         problems.append(f"noise {request.noise!r} must be one of: {', '.join(NOISE_MODES)} (cpu = seed + i per "
                         "image on any device; comfyui = ComfyUI's noise for the batch)")

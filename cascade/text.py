@@ -2,9 +2,10 @@
 
 - Tokenizer: the CLIP BPE tokenizer shipped in ``cascade/data/clip_tokenizer`` (no network, see
   ``tools/make_clip_tokenizer.py``).
-- Prompts use the A1111 weight syntax (``cascade.prompts``) and may be longer than 75 tokens: they are cut into
-  75-token chunks, each encoded as its own ``[BOS] + 75 + [EOS]`` sequence padded to 77 with EOS, and the chunk
-  encodings are concatenated along the sequence (77·k tokens), as ComfyUI and A1111 do.
+- Prompts use the A1111 weight syntax or ComfyUI's (``cascade.prompts``, ``syntax=``) and may be longer than
+  75 tokens: they are cut into 75-token chunks, each encoded as its own ``[BOS] + 75 + [EOS]`` sequence padded
+  to 77 with EOS, and the chunk encodings are concatenated along the sequence (77·k tokens), as ComfyUI and
+  A1111 do.
 - ``clip_text`` is the output of the last transformer layer *before* the final LayerNorm (Stable Cascade was
   trained on that, unlike SDXL's penultimate layer); ``clip_text_pooled`` is the projected, final-LN state at the
   first EOS of the first chunk.
@@ -12,19 +13,23 @@
   empty prompt; tokens of weight 1 are left untouched, so an unweighted prompt encodes bit-for-bit as without
   this machinery. The pooled embedding is never weighted.
 
-Chunking rule (ComfyUI's ``SDTokenizer.tokenize_with_weights``, in its word-splitting form): every
-whitespace-separated word is tokenized on its own; a word shorter than 8 tokens that does not fit in the
+Chunking rule, A1111 syntax (ComfyUI's ``SDTokenizer.tokenize_with_weights``, in its older word-splitting form):
+every whitespace-separated word is tokenized on its own; a word shorter than 8 tokens that does not fit in the
 current chunk moves whole to the next chunk, a longer word is split at the chunk boundary. ``BREAK``
 (A1111 syntax; ComfyUI has no equivalent) closes the current chunk; it never creates an empty chunk. Current
 ComfyUI groups whole weighted segments instead of words, which splits long unweighted prompts mid-word; we
-keep the word rule because it never splits a short word. A1111 instead backtracks to the last comma within
-20 tokens, so chunk boundaries can differ from A1111's for prompts longer than 75 tokens.
+keep the word rule for A1111 syntax because it never splits a short word. A1111 instead backtracks to the last
+comma within 20 tokens, so chunk boundaries can differ from A1111's for prompts longer than 75 tokens.
+
+ComfyUI syntax follows current ComfyUI exactly: each weighted segment is tokenized whole (so a segment boundary
+inside a word splits its BPE, as there) and is the unit the chunker keeps together or splits; there is no BREAK.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cascade.prompts import is_break, parse_prompt_attention
+from cascade.prompts import is_break, parse_comfyui_weights, parse_weights
 
 if TYPE_CHECKING:
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
@@ -42,6 +47,7 @@ CHUNK_TOKENS = 75  # prompt tokens per chunk
 SEQUENCE_LENGTH = CHUNK_TOKENS + 2  # with BOS and EOS
 MAX_WORD_TOKENS = 8  # ComfyUI's max_word_length: shorter words are never split across chunks
 MAX_TILE_RATIO = 4  # ComfyUI's CONDCrossAttn limit for repeating a shorter conditioning
+_EMBEDDING = re.compile(r"(?:^|[ \n])embedding:")  # where ComfyUI starts a textual-inversion name
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,33 +75,58 @@ class PromptChunks:
         return bool((self.weights != 1.0).any())
 
 
-def tokenize_weighted(tokenizer: CLIPTokenizer, text: str) -> PromptChunks:
-    """Tokenize an A1111-syntax prompt into 77-token chunks (see the module docstring for the chunking rule)."""
+def tokenize_weighted(tokenizer: CLIPTokenizer, text: str, syntax: str = "a1111") -> PromptChunks:
+    """Tokenize a prompt in `syntax` into 77-token chunks (see the module docstring for the chunking rules)."""
+    return _to_chunks(tokenizer, _token_groups(tokenizer, text, syntax))
+
+
+def _token_groups(tokenizer: CLIPTokenizer, text: str, syntax: str) -> list[list[tuple[int, float]] | None]:
+    """The units the chunker keeps together (None = BREAK): A1111 syntax, each whitespace-separated word;
+    ComfyUI syntax, each weighted segment, tokenized whole (comfy/sd1_clip.py ``tokenize_with_weights``)."""
+    if syntax == "comfyui":
+        groups: list[list[tuple[int, float]] | None] = []
+        for segment, weight in parse_comfyui_weights(text):
+            if _EMBEDDING.search(segment):
+                raise ValueError(f"textual-inversion embeddings are not supported: {segment.strip()!r} (ComfyUI "
+                                 "would load a file from models/embeddings); remove the 'embedding:' word")
+            ids = tokenizer(segment, add_special_tokens=False)["input_ids"]
+            groups.append([(token, weight) for token in ids])
+        return groups
+    groups = []
+    for segment in parse_weights(text, syntax):
+        if is_break(segment):
+            groups.append(None)
+            continue
+        segment_text, weight = segment
+        groups += [[(token, weight) for token in word_ids] for word_ids in _tokenize_words(tokenizer, segment_text)]
+    return groups
+
+
+def _to_chunks(tokenizer: CLIPTokenizer, groups: list[list[tuple[int, float]] | None]) -> PromptChunks:
+    """ComfyUI's chunking of token groups: a group shorter than 8 tokens that does not fit moves whole to the next
+    chunk, a longer one is split at the boundary; None (BREAK) closes the current chunk (never an empty one)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     chunks: list[list[tuple[int, float]]] = []
     current: list[tuple[int, float]] = []
-
-    for segment in parse_prompt_attention(text):
-        if is_break(segment):
+    for group in groups:
+        if group is None:
             if current:
                 chunks.append(current)
                 current = []
             continue
-        segment_text, weight = segment
-        for word_ids in _tokenize_words(tokenizer, segment_text):
-            tokens = [(token, weight) for token in word_ids]
-            splittable = len(tokens) >= MAX_WORD_TOKENS
-            while tokens:
-                room = CHUNK_TOKENS - len(current)
-                if len(tokens) <= room:
-                    current.extend(tokens)
-                    tokens = []
-                else:
-                    if splittable:
-                        current.extend(tokens[:room])
-                        tokens = tokens[room:]
-                    chunks.append(current)
-                    current = []
+        tokens = list(group)
+        splittable = len(tokens) >= MAX_WORD_TOKENS
+        while tokens:
+            room = CHUNK_TOKENS - len(current)
+            if len(tokens) <= room:
+                current.extend(tokens)
+                tokens = []
+            else:
+                if splittable:
+                    current.extend(tokens[:room])
+                    tokens = tokens[room:]
+                chunks.append(current)
+                current = []
     if current or not chunks:
         chunks.append(current)
 
@@ -128,6 +159,7 @@ def encode_prompts(
     tokenizer: CLIPTokenizer,
     prompts: Sequence[str],
     use_attention_mask: bool = True,
+    syntax: str = "a1111",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode a batch of prompts into ``(clip_text (B, 77·k, hidden), clip_text_pooled (B, 1, proj))``.
 
@@ -141,10 +173,13 @@ def encode_prompts(
 
     ``use_attention_mask=False`` reproduces unmasked encoding (how kohya trained SoteDiffusion's Stage C); it only
     changes the hidden states after the first EOS. The default, masked, is what ComfyUI and diffusers do.
+
+    ``syntax`` is the prompt-weight syntax (cascade.prompts.SYNTAXES): "a1111" (SD.Next's) or "comfyui", which
+    parses, tokenizes and chunks exactly as ComfyUI's CLIPTextEncode (so the conditioning matches ComfyUI's).
     """
     if not prompts:
         raise ValueError("encode_prompts needs at least one prompt")
-    chunked = [tokenize_weighted(tokenizer, prompt) for prompt in prompts]
+    chunked = [tokenize_weighted(tokenizer, prompt, syntax) for prompt in prompts]
     hidden, pooled = _run_encoder(text_encoder, chunked, use_attention_mask)
     if any(c.has_weights for c in chunked):
         # A separate pass, so that weights never change the batch (and thus the bits) of the prompt pass.
