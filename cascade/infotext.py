@@ -5,7 +5,9 @@ Format (the one A1111 and SD.Next write and parse):
     Negative prompt: <negative>
     Steps: 30, Sampler: DDPM, Schedule type: SGM Uniform, CFG scale: 7, Seed: 7, Size: 1024x1536, ...
 Values containing ',' ':' or '"' are JSON-quoted. Stable Cascade's decoder settings use the names SD.Next maps to
-its refiner fields for this model (steps -> prior, "Refiner steps" -> decoder), plus explicit Decoder keys.
+its refiner fields for this model (steps -> prior, "Refiner steps" -> decoder), plus explicit Decoder keys; the
+CLI and SD.Next share them (`generation_fields`). "Seed" is the image's seed (seed + i) with "cpu" noise and the
+batch's seed with "comfyui" noise (as ComfyUI); "Batch index" says which image of the batch this is.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import CascadeError
-from .request import GenerationRequest
+from .request import GenerationRequest, StageSettings
 
 from .names import SAMPLER_TITLES, SCHEDULER_TITLES  # noqa: E402  (one table of names, re-exported)
 
@@ -37,6 +39,49 @@ def _num(value: float) -> str:
     return f"{value:g}"
 
 
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
+
+
+def model_title(name: str | None) -> str | None:
+    """A checkpoint's infotext name: the file name without its extension (A1111's "Model" convention), so the
+    CLI (which knows the path) and SD.Next (which knows the file name) write the same "Decoder" value."""
+    if not name:
+        return None
+    base = str(name).replace("\\", "/").rsplit("/", 1)[-1]
+    for suffix in MODEL_SUFFIXES:
+        if base.lower().endswith(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
+def generation_fields(prior: StageSettings, decoder: StageSettings, *, compression: float, stage_a_scale: float,
+                      decoder_name: str | None = None) -> dict[str, Any]:
+    """The sampling fields both the CLI and SD.Next write, under one set of names (issue 11):
+    Steps / Sampler / Schedule type / CFG scale / Prior shift for Stage C (A1111's names, which SD.Next's paste
+    maps to its own fields), Refiner steps / Image CFG scale (SD.Next's names for the decoder's steps and CFG) and
+    Decoder sampler / Decoder schedule type / Decoder shift for Stage B."""
+    fields: dict[str, Any] = {
+        "Steps": prior.steps,
+        "Sampler": SAMPLER_TITLES.get(prior.sampler, prior.sampler),
+        "Schedule type": SCHEDULER_TITLES.get(prior.scheduler, prior.scheduler),
+        "CFG scale": _num(prior.cfg),
+        "Prior shift": _num(prior.shift),
+        "Refiner steps": decoder.steps,
+        "Image CFG scale": _num(decoder.cfg),
+        "Decoder sampler": SAMPLER_TITLES.get(decoder.sampler, decoder.sampler),
+        "Decoder schedule type": SCHEDULER_TITLES.get(decoder.scheduler, decoder.scheduler),
+        "Decoder shift": _num(decoder.shift),
+        "Compression": _num(compression),
+        "Stage A scale": _num(stage_a_scale),
+        "Decoder": model_title(decoder_name),
+    }
+    if prior.denoise != 1.0:
+        fields["Denoising strength"] = _num(prior.denoise)
+    if decoder.denoise != 1.0:
+        fields["Decoder denoise"] = _num(decoder.denoise)
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def build_infotext(
     request: GenerationRequest,
     seed: int,
@@ -48,34 +93,35 @@ def build_infotext(
     dtypes: dict[str, str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> str:
-    """The parameters text for one image of `request` (image seed `seed`)."""
-    p, d = request.prior, request.decoder
+    """The parameters text for one image of `request` (image seed `seed`): everything `--from` needs to make the
+    same image again (cascade.recall), with the names SD.Next writes too (`generation_fields`)."""
+    stages = generation_fields(request.prior, request.decoder, compression=request.compression,
+                               stage_a_scale=request.stage_a_scale, decoder_name=decoder_name)
+    index = seed - request.seed  # image `index` of the batch
+    per_image = request.noise != "comfyui"  # "cpu" noise: image i has seed + i; ComfyUI's: the batch has the seed
     fields: dict[str, Any] = {
-        "Steps": p.steps,
-        "Sampler": SAMPLER_TITLES.get(p.sampler, p.sampler),
-        "Schedule type": SCHEDULER_TITLES.get(p.scheduler, p.scheduler),
-        "CFG scale": _num(p.cfg),
-        "Seed": seed,
+        **{k: stages.pop(k) for k in ("Steps", "Sampler", "Schedule type", "CFG scale")},
+        "Seed": seed if per_image else request.seed,
         "Size": f"{request.width}x{request.height}",
-        "Model": prior_name,
+        "Model": model_title(prior_name),
         "Model hash": prior_hash,
-        "Prior shift": _num(p.shift),
-        "Refiner steps": d.steps,
-        "Image CFG scale": _num(d.cfg),
-        "Decoder": decoder_name,
+        **stages,
         "Decoder hash": decoder_hash,
-        "Decoder sampler": SAMPLER_TITLES.get(d.sampler, d.sampler),
-        "Decoder schedule type": SCHEDULER_TITLES.get(d.scheduler, d.scheduler),
-        "Decoder shift": _num(d.shift),
-        "Compression": _num(request.compression),
-        "Stage A scale": _num(request.stage_a_scale),
+        "Noise": request.noise,
+        "Prompt syntax": request.prompt_syntax,
     }
-    if p.denoise != 1.0:
-        fields["Denoising strength"] = _num(p.denoise)
+    if request.decoder_seed is not None:
+        fields["Decoder seed"] = request.decoder_seed + (index if per_image else 0)
     if request.cfg_rescale:
         fields["CFG rescale"] = _num(request.cfg_rescale)
     if request.batch_size > 1:
         fields["Batch size"] = request.batch_size
+        fields["Batch index"] = index  # with the seeds above, the whole batch can be made again
+    if request.upscale != 1:
+        fields["Upscale"] = request.upscale
+    if request.image_prompts:
+        fields["Image prompts"] = len(request.image_prompts)
+        fields["Image prompt strength"] = _num(request.image_prompt_strength)
     if dtypes:
         fields["Dtype"] = " ".join(f"{k}={v}" for k, v in dtypes.items())
     fields.update(extra or {})

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Sequence
 
 from cascade.errors import InvalidRequestError
-from cascade.names import DEFAULT_NAME, SAMPLER_TITLES, SCHEDULER_TITLES, UnknownNameError, resolve_sampler, resolve_scheduler
+from cascade.names import DEFAULT_NAME, UnknownNameError, resolve_sampler, resolve_scheduler
 from cascade.request import MAX_SEED, SIZE_MULTIPLE, STAGE_A_SCALE, StageSettings, default_decoder, default_prior
 
 
@@ -103,33 +103,18 @@ def decoder_stage(steps: int, cfg: float, settings: CascadeSettings) -> StageSet
     )
 
 
-def _num(value: float) -> str:
-    return f"{value:g}"
-
-
 def infotext_fields(prior: StageSettings, decoder: StageSettings, settings: CascadeSettings,
                     decoder_name: str | None) -> dict[str, Any]:
     """Fields for SD.Next's infotext (`p.extra_generation_params`); keys match SD.Next's `[\\w ]+` rule.
 
-    "Refiner steps" and "Image CFG scale" are the names SD.Next's paste maps back to refiner_steps / cfg_image,
-    so "send to txt2img" restores the decoder's steps and CFG.
+    The same names and values the CLI writes (cascade.infotext.generation_fields); "Refiner steps" and "Image CFG
+    scale" are the names SD.Next's paste maps back to refiner_steps / cfg_image, so "send to txt2img" restores the
+    decoder's steps and CFG. "CFG scale" is the CFG used: SD.Next leaves it out when the UI sent its default (-1).
     """
-    out: dict[str, Any] = {
-        "CFG scale": _num(prior.cfg),  # the CFG used: SD.Next leaves it out when the UI sent its default (-1)
-        "Prior sampler": SAMPLER_TITLES.get(prior.sampler, prior.sampler),
-        "Prior schedule": SCHEDULER_TITLES.get(prior.scheduler, prior.scheduler),
-        "Prior shift": _num(prior.shift),
-        "Refiner steps": decoder.steps,
-        "Image CFG scale": _num(decoder.cfg),
-        "Decoder sampler": SAMPLER_TITLES.get(decoder.sampler, decoder.sampler),
-        "Decoder schedule": SCHEDULER_TITLES.get(decoder.scheduler, decoder.scheduler),
-        "Decoder shift": _num(decoder.shift),
-        "Compression": _num(settings.compression),
-        "Decoder": decoder_name,
-    }
-    if settings.stage_a_scale != STAGE_A_SCALE:
-        out["Stage A scale"] = _num(settings.stage_a_scale)
-    return {k: v for k, v in out.items() if v is not None}
+    from cascade.infotext import generation_fields
+
+    return generation_fields(prior, decoder, compression=settings.compression, stage_a_scale=settings.stage_a_scale,
+                             decoder_name=decoder_name)
 
 
 # --- SD.Next's conventions for seeds, CFG and sizes ------------------------------------------------------------------

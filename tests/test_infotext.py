@@ -48,3 +48,42 @@ def test_short_hash_is_autov2_and_cached(tmp_path):
     cache = tmp_path / "hashes.json"
     assert short_hash(f, cache) == hashlib.sha256(f.read_bytes()).hexdigest()[:10]
     assert cache.is_file() and short_hash(f, cache) == hashlib.sha256(f.read_bytes()).hexdigest()[:10]
+
+
+def test_cli_and_sdnext_write_the_same_names_and_values():
+    """Issue 11: SD.Next's extension fields are the CLI's, name for name and value for value."""
+    from dataclasses import replace
+
+    from extension import params
+
+    settings = replace(params.CascadeSettings(), decoder_scheduler="exponential", compression=36.0,
+                       stage_a_scale=0.3764)
+    prior = params.prior_stage(20, 5.0, "Euler a", settings)
+    decoder = params.decoder_stage(8, 1.5, settings)
+    sdnext = params.infotext_fields(prior, decoder, settings, "models/Stable-cascade/my_decoder.safetensors")
+    req = GenerationRequest(prompt="a", seed=3, prior=prior, decoder=decoder, compression=36.0, stage_a_scale=0.3764)
+    cli = parse_infotext(build_infotext(req, 3, prior_name="main", decoder_name="my_decoder"))
+    assert {k: str(v) for k, v in sdnext.items()} == {k: cli[k] for k in sdnext}
+    assert sdnext["Decoder"] == "my_decoder" and sdnext["Decoder schedule type"] == "Exponential"
+    assert sdnext["Sampler"] == "Euler a" and sdnext["Schedule type"] == "SGM Uniform"
+    assert not {"Prior sampler", "Prior schedule", "Decoder schedule"} & set(sdnext)
+
+
+def test_model_title_drops_the_extension_only():
+    from cascade.infotext import model_title
+
+    assert model_title("a/b/sote_decoder.safetensors") == "sote_decoder"
+    assert model_title("C:\\models\\x.CKPT") == "x"
+    assert model_title("folder.v2") == "folder.v2" and model_title(None) is None
+
+
+def test_reproduction_fields_are_written():
+    from cascade.request import build_request
+
+    req = build_request(prompt="a", seed=10, decoder_seed=20, batch_size=3, noise="cpu", prompt_syntax="comfyui")
+    parsed = parse_infotext(build_infotext(req, 12))
+    assert (parsed["Seed"], parsed["Decoder seed"], parsed["Batch index"], parsed["Batch size"]) == ("12", "22", "2", "3")
+    assert parsed["Noise"] == "cpu" and parsed["Prompt syntax"] == "comfyui"
+    comfy = parse_infotext(build_infotext(build_request(prompt="a", seed=10, decoder_seed=20, batch_size=3,
+                                                        noise="comfyui"), 12))
+    assert (comfy["Seed"], comfy["Decoder seed"], comfy["Batch index"]) == ("10", "20", "2")  # the batch's seeds
