@@ -43,18 +43,20 @@ def _open(path: Path, what: str):
     from PIL import Image, UnidentifiedImageError
 
     if not path.exists():
-        raise ImageError(f"{what} {path}: no such file")
+        raise ImageError(f"{what}: no such file {path}")
     if not path.is_file():
-        raise ImageError(f"{what} {path} is not a file")
+        raise ImageError(f"{what}: {path} is not a file")
+    if path.name not in what:  # callers may already name the file ("init image in.png")
+        what = f"{what} {path.name}"
     try:
         image = Image.open(path)
         image.load()  # decode now: a truncated file fails here, not halfway through a generation
     except UnidentifiedImageError:
-        raise ImageError(f"{what} {path.name} is not an image PIL can read; use a PNG, JPEG or WebP file") from None
+        raise ImageError(f"{what} is not an image PIL can read; use a PNG, JPEG or WebP file") from None
     except Image.DecompressionBombError as err:
-        raise ImageError(f"{what} {path.name} is too large to open safely ({err}); scale it down first") from None
+        raise ImageError(f"{what} is too large to open safely ({err}); scale it down first") from None
     except (OSError, ValueError, SyntaxError) as err:
-        raise ImageError(f"{what} {path.name} cannot be read ({err}); the file may be truncated or damaged — "
+        raise ImageError(f"{what} cannot be read ({err}); the file may be truncated or damaged — "
                          "re-save it as PNG") from None
     return image
 

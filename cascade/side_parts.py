@@ -180,7 +180,15 @@ def keymap(part: Part) -> KeyMap:
 
 
 def _from_file(path: Path, kind: str) -> Part:
-    ckpt = scan(path)
+    from .errors import CascadeError
+
+    if not path.is_file():
+        raise MissingComponentError(f"{FLAGS[kind]} {path}: {'not a file' if path.exists() else 'no such file'}; "
+                                    f"it needs {WANTED[kind]}")
+    try:
+        ckpt = scan(path)
+    except CascadeError as err:
+        raise MissingComponentError(f"{FLAGS[kind]}: {err}") from None
     if kind not in ckpt.parts:
         raise MissingComponentError(f"{path.name} holds no {PART_TITLES[kind]} (it is a {ckpt.title}); "
                                     f"{FLAGS[kind]} needs {WANTED[kind]}")
@@ -337,6 +345,16 @@ class SideParts:
             return sum(t.numel() * t.element_size() for t in self._modules[kind].state_dict().values())
         part = self.part(kind)
         return part_bytes(part, self.dtypes[kind]) if part is not None else 0
+
+
+def check_side_files(files: SideFiles) -> None:
+    """Headers of the explicit side files, read before any weight loads: a missing or wrong file names its flag."""
+    for kind in KINDS:
+        path = files.path(kind)
+        if path is not None:
+            part = _from_file(path, kind)
+            if part.config is None:
+                part.variant, part.config = resolve_config(part)
 
 
 # --- memory planning ----------------------------------------------------------------------------------------------

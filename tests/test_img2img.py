@@ -4,6 +4,7 @@ bad images, and the ComfyUI definitions the image paths follow (resize/crop, CLI
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -371,3 +372,123 @@ def test_documented_conversions(tmp_path):
     path = tmp_path / "rotated.jpg"
     rotated.save(path, exif=exif)
     assert images.to_tensor(images.load_image(path)).shape == (1, 3, 40, 20)
+
+
+# --- the command line, as a user runs it ---------------------------------------------------------------------------
+
+
+def cli(tiny_pair, out, *flags: str, size=("256", "384")) -> int:
+    from cascade.cli import main
+
+    prior, decoder = tiny_pair
+    return main(["generate", "a red house", "--prior", str(prior), "--decoder", str(decoder), "--out", str(out),
+                 "--width", size[0], "--height", size[1], "--steps", "3", "--decoder-steps", "2", "--seed", "9",
+                 "--device", "cpu", "--dtype", "fp32", "--quiet", *flags])
+
+
+@pytest.fixture
+def pictures(tmp_path):
+    paths = {}
+    for seed in (1, 2):
+        paths[seed] = tmp_path / f"in{seed}.png"
+        picture(seed).save(paths[seed])
+    return paths
+
+
+def test_cli_img2img_uses_the_image_and_records_the_strength(tiny_pair, pictures, tmp_path, capsys):
+    from cascade.infotext import parse_infotext
+
+    outs = [tmp_path / f"o{i}.png" for i in range(3)]
+    assert cli(tiny_pair, outs[0], "--image", str(pictures[1]), "--denoise", "0.6") == 0
+    assert cli(tiny_pair, outs[1], "--image", str(pictures[1]), "--denoise", "0.6") == 0
+    assert cli(tiny_pair, outs[2], "--image", str(pictures[2]), "--denoise", "0.6") == 0
+    pixels = [np.asarray(Image.open(p), dtype=np.float32) for p in outs]
+    assert pixels[0].shape == (384, 256, 3)
+    assert np.array_equal(pixels[0], pixels[1])  # the same seed and image: the same file
+    assert np.abs(pixels[0] - pixels[2]).mean() > 0.5  # another init image: another result
+    params = parse_infotext(Image.open(outs[0]).text["parameters"])
+    assert params["Denoising strength"] == "0.6"
+
+
+def test_cli_upscale_two_doubles_the_output_and_decoder_image_runs(tiny_pair, pictures, tmp_path):
+    out = tmp_path / "up.png"
+    assert cli(tiny_pair, out, "--upscale", "2", "--decoder-image", str(pictures[1]), "--decoder-denoise", "0.4") == 0
+    assert Image.open(out).size == (512, 768)
+
+
+def test_cli_bare_stage_c_names_the_missing_parts_and_side_files_provide_them(tiny_models, tiny_pair, pictures,
+                                                                               tmp_path, capsys):
+    """Stability's bare stage_c.safetensors: --image / --image-prompt fail with the flag to pass; with the side files
+    (effnet_encoder.safetensors, a CLIPVisionModelWithProjection file) the same command runs."""
+    from cascade.cli import main
+
+    prior = tiny.write_stability_unet(tmp_path / "stage_c.safetensors", tiny_models, "prior")
+    clip = tiny.write_text_encoder_side_file(tmp_path / "clip_g.safetensors", tiny_models)
+    common = ["generate", "x", "--prior", str(prior), "--decoder", str(tiny_pair[1]), "--text-encoder", str(clip),
+              "--width", "128", "--height", "128", "--steps", "2", "--decoder-steps", "1", "--device", "cpu",
+              "--quiet", "--out"]
+    assert main([*common, str(tmp_path / "a.png"), "--image", str(pictures[1]), "--denoise", "0.5"]) == 2
+    assert "img2img needs the Stage C encoder: pass --stage-c-encoder" in capsys.readouterr().err
+    assert main([*common, str(tmp_path / "b.png"), "--image-prompt", str(pictures[1])]) == 2
+    assert "image prompts need the CLIP-L vision encoder: pass --clip-vision" in capsys.readouterr().err
+    assert not (tmp_path / "a.png").exists() and not (tmp_path / "b.png").exists()
+    effnet = tiny.write_side_part_file(tmp_path / "side" / "effnet_encoder.safetensors", tiny_models, "effnet")
+    vision = tiny.write_side_part_file(tmp_path / "side" / "model.safetensors", tiny_models, "clip_vision")
+    assert main([*common, str(tmp_path / "c.png"), "--image", str(pictures[1]), "--denoise", "0.5",
+                 "--stage-c-encoder", str(effnet), "--image-prompt", str(pictures[2]), "--clip-vision",
+                 str(vision)]) == 0, capsys.readouterr().err
+    assert Image.open(tmp_path / "c.png").size == (128, 128)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fails the test if the CLI gets as far as opening the pipeline: these mistakes are caught before any load."""
+    import cascade.session
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pipeline was opened before the error was found")
+
+    monkeypatch.setattr(cascade.session, "open_pipeline", refuse)
+
+
+def bad_inputs(tmp_path: Path, tiny_pair) -> list[tuple[list[str], str]]:
+    good = tmp_path / "good.png"
+    picture(1).save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:200])
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    dot = tmp_path / "dot.png"
+    Image.new("RGB", (1, 1)).save(dot)
+    gif = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    frames[0].save(gif, save_all=True, append_images=frames[1:])
+    return [
+        (["--image", str(tmp_path / "missing.png"), "--denoise", "0.5"], "init image missing.png: no such file"),
+        (["--image", str(truncated), "--denoise", "0.5"], "init image truncated.png cannot be read"),
+        (["--image", str(text), "--denoise", "0.5"], "init image notes.png is not an image PIL can read"),
+        (["--image", str(dot), "--denoise", "0.5"], "init image dot.png is 1x1; it needs at least 16x16"),
+        (["--decoder-image", str(gif)], r"decoder image anim.gif is animated \(2 frames\)"),
+        (["--image-prompt", str(good), "--image-prompt", str(dot)], "image prompt 2 dot.png is 1x1"),
+        (["--denoise", "0.5"], "prior denoise 0.5 needs an init image to start from: pass --image"),
+        (["--decoder-denoise", "0.4"], "decoder denoise 0.4 needs a decoder image to start from: pass --decoder-image"),
+        (["--image-prompt", str(good), "--clip-vision", str(tmp_path / "none.safetensors")],
+         "--clip-vision .*none.safetensors: no such file; it needs a Hugging Face CLIPVisionModelWithProjection"),
+        (["--image-prompt", str(good), "--clip-vision", str(good)], "--clip-vision: good.png: header length"),
+        (["--image", str(good), "--stage-c-encoder", str(tiny_pair[1])],
+         "holds no Stage C EfficientNet encoder.*--stage-c-encoder needs"),
+        (["--upscale", "5"], "upscale 5 must be a whole number from 1 to 4"),
+    ]
+
+
+def test_cli_bad_image_inputs_are_one_line_exit_2_before_loading(tiny_pair, tmp_path, no_loading, capsys):
+    import re
+
+    for flags, message in bad_inputs(tmp_path, tiny_pair):
+        out = tmp_path / "never.png"
+        assert cli(tiny_pair, out, *flags) == 2, flags
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (flags, captured.err)
+        assert re.search(message, lines[0]), (message, lines[0])
+        assert "Traceback" not in captured.err and not out.exists()

@@ -3,6 +3,8 @@ previewer when the file has it, and no effect on the result."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -101,3 +103,45 @@ def test_host_previews_choose_the_method(tiny_pipeline):
     assert tiny_pipeline.preview(event, method="rgb").size == (9, 6)
     with pytest.raises(ValueError, match="unknown preview method"):
         previews.preview_pixels(latents, "prior", method="taesd")
+
+
+def test_cli_preview_file_is_a_valid_png_of_the_last_step(tiny_pair, tmp_path, capsys, monkeypatch):
+    """`--preview FILE --preview-every N` rewrites FILE atomically on the due steps of both stages; it ends as the
+    last Stage B step's preview (Stage B latent size, x2 with --upscale 2) and leaves no temporary files behind."""
+    from PIL import Image
+
+    from cascade import atomic
+    from cascade.cli import main
+
+    writes = []
+    real = atomic.atomic_write
+
+    def counting(path, *args, **kwargs):
+        writes.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(atomic, "atomic_write", counting)
+    prior, decoder = tiny_pair
+    out, preview = tmp_path / "out.png", tmp_path / "live" / "preview.png"
+    preview.parent.mkdir()
+    code = main(["generate", "x", "--prior", str(prior), "--decoder", str(decoder), "--out", str(out), "--width",
+                 "256", "--height", "384", "--steps", "4", "--decoder-steps", "3", "--upscale", "2", "--preview",
+                 str(preview), "--preview-every", "2", "--device", "cpu", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert writes.count("preview.png") == 4  # prior steps 2 and 4, decoder steps 2 and 3 (the last)
+    with Image.open(preview) as image:
+        image.verify()
+    with Image.open(preview) as image:
+        assert image.format == "PNG" and image.mode == "RGB" and image.size == (512 // 4, 768 // 4)
+    assert sorted(p.name for p in preview.parent.iterdir()) == ["preview.png"]
+    assert Image.open(out).size == (512, 768)
+
+
+def test_cli_without_preview_flag_writes_no_preview(tiny_pair, tmp_path, capsys):
+    from cascade.cli import main
+
+    prior, decoder = tiny_pair
+    code = main(["generate", "x", "--prior", str(prior), "--decoder", str(decoder), "--out", str(tmp_path / "o.png"),
+                 "--width", "128", "--height", "128", "--steps", "2", "--decoder-steps", "1", "--preview-every", "1",
+                 "--device", "cpu", "--quiet"])
+    assert code == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]
