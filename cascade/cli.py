@@ -115,6 +115,8 @@ def _add_generate(sub) -> None:
     stage.add_argument("--cfg-rescale", type=float, default=0.0, help="original code's CFG rescale (0.7 there); 0 = off")
     stage.add_argument("--noise", choices=("cpu", "comfyui"), default="cpu",
                        help="cpu: seed + i per image, the same on every device; comfyui: ComfyUI's KSampler noise")
+    stage.add_argument("--prompt-syntax", choices=("a1111", "comfyui"), default="a1111",
+                       help="prompt weights: a1111 ((x), [x], (x:1.2), BREAK; SD.Next's) or comfyui (ComfyUI's)")
     stage.add_argument("--preset", default="auto", choices=("auto", "none", *PRESETS),
                        help="prompt preset: auto (by checkpoint name/metadata), none, or a preset")
     images = g.add_argument_group("image inputs")
@@ -124,8 +126,6 @@ def _add_generate(sub) -> None:
     images.add_argument("--decoder-image", type=path_arg, help="Stage B starts from this image's Stage A encoding")
     images.add_argument("--decoder-denoise", type=float, default=1.0, help="strength for --decoder-image")
     images.add_argument("--image-prompt", dest="image_prompts", type=path_arg, action="append", default=[],
-    stage.add_argument("--prompt-syntax", choices=("a1111", "comfyui"), default="a1111",
-                       help="prompt weights: a1111 ((x), [x], (x:1.2), BREAK; SD.Next's) or comfyui (ComfyUI's)")
                         help="image prompt (image variations through CLIP vision); repeatable")
     images.add_argument("--image-prompt-strength", type=float, default=1.0, help="weight of the image prompts")
     images.add_argument("--upscale", type=int, default=1, help="Stage B renders at this multiple of the size (1-4)")
