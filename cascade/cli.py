@@ -39,6 +39,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as file managers and model pages show sizes)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
 def path_arg(text: str) -> str:
     """A file path flag: refused at parse time when no file can have that name (a NUL byte)."""
     if "\x00" in text:
@@ -157,7 +166,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .checkpoints import PART_TITLES, describe, printable, scan
-    from .run import human_bytes
 
     status, documents = 0, []
     for path in args.files:
@@ -215,6 +223,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         print(format_plan(plan))
         print(dtype_note)
+    if not plan.fits:
+        from .memory import PlanDoesNotFit
+
+        _error(str(PlanDoesNotFit(plan)))
     return 0 if plan.fits else 2
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from .cli import human_bytes
 from .request import GenerationRequest, build_request, request_field_names, with_fields
 from .session import LoadEvent, PipelineSpec
 
@@ -18,14 +19,6 @@ TINY_NOTICE = (
 COMPONENT_TITLES = {"text_encoder": "CLIP-G text encoder", "prior": "Stage C (prior)", "decoder": "Stage B (decoder)",
                     "vqgan": "Stage A (VQGAN)"}
 IMAGE_FLAGS = {"image": "init image", "decoder_image": "decoder image"}
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 def _say(args: argparse.Namespace, text: str, end: str = "\n") -> None:
@@ -178,6 +171,9 @@ def generate_to_files(args: argparse.Namespace) -> list[tuple[Path, int]]:
     targets = output_paths(Path(args.out), request.seeds)
     for target in targets + ([Path(args.preview)] if getattr(args, "preview", None) else []):
         check_output_target(target)
+    from .side_parts import check_side_files
+
+    check_side_files(spec.side_files())  # --stage-c-encoder / --clip-vision / --previewer: headers, before loading
     backend = select_backend(spec.device)
     if spec.is_tiny:
         print(TINY_NOTICE, file=sys.stderr)

@@ -25,26 +25,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import CheckpointError, CorruptFileError, HeaderError, PickleRefusedError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-ITEMSIZE: dict[str, int] = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype code -> bytes per element. Header work (`inspect`, classification, plans) needs only this, so
+# torch is imported only when tensors are actually read: `inspect` answers without paying for torch's import.
+ITEMSIZE: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPES = tuple(ITEMSIZE)
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def torch_dtype(code: str) -> "torch.dtype":
+    """The torch dtype of a safetensors dtype code (imports torch)."""
+    import torch
+
+    return getattr(torch, _TORCH_NAMES[code])
+
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 
@@ -109,7 +112,7 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return torch_dtype(self.dtype)
 
 
 @dataclass
@@ -471,6 +474,8 @@ class TensorReader:
         pin_memory: allocate the (CPU) result in page-locked memory, so later uploads to the GPU are fast and
         asynchronous.
         """
+        import torch
+
         info = self.header.tensors[name]
         if self._fd is None:
             raise RuntimeError("TensorReader used outside its `with` block")
@@ -490,6 +495,8 @@ class TensorReader:
         return src.to(device=device, dtype=target)
 
     def _read_into(self, tensor: torch.Tensor, info: TensorInfo) -> None:
+        import torch
+
         buf = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
         size = len(buf)
         workers = min(8, max(1, torch.get_num_threads()), max(1, size // _PARALLEL_READ))

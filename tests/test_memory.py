@@ -243,9 +243,14 @@ def test_second_oom_is_a_clear_error_and_pipeline_survives(tiny_pair, monkeypatc
     assert result.images.shape == (1, 3, 256, 256)
 
 
-def test_cli_plan_refuses_before_loading(capsys):
+def test_cli_plan_answers_from_headers_without_loading(capsys, monkeypatch):
+    import cascade.loader
     from cascade.cli import main
 
+    def no_weights(*args, **kwargs):
+        raise AssertionError("plan must not load weights")
+
+    monkeypatch.setattr(cascade.loader, "load_part", no_weights)
     assert main(["plan", "--vram", "16GiB", "--width", "1024", "--height", "1536"]) == 0
     assert "chosen: resident" in capsys.readouterr().out
     assert main(["plan", "--vram", "1GiB", "--width", "2048", "--height", "2048", "--json"]) == 2

@@ -304,6 +304,3 @@ def test_batch_with_different_chunk_counts_is_tiled(encoder, tokenizer):
     with pytest.raises(ValueError, match="separately"):
         encode_prompts(encoder, tokenizer, ["a cat", "cat " * (CHUNK_TOKENS * 4 + 1)])  # 1 vs 5 chunks
 
-
-def test_sequence_length_constant():
-    assert SEQUENCE_LENGTH == 77 and CHUNK_TOKENS == 75
