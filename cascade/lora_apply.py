@@ -224,15 +224,16 @@ def _merge_one(state: MergedLoras, model: nn.Module, component: str, param: str,
     if compute.device.type == "meta":
         raise LoraError(f"the {COMPONENT_TITLES[component]} weights are not materialised (meta device: a host's "
                         "sequential offload holds them); LoRAs cannot be merged in this offload mode")
-    delta = torch.zeros(compute.shape, dtype=torch.float32, device=compute.device)
+    delta = None
     for item, patch, w in patches:
         reader = readers[id(item)]
-        scale = patch_scale(item.bound, patch, reader)
-        delta.add_(layer_delta(reader, patch, compute.shape, compute.device), alpha=w * scale)
+        term = layer_delta(reader, patch, compute.shape, compute.device).mul_(w * patch_scale(item.bound, patch, reader))
+        delta = term if delta is None else delta.add_(term)
     host = next((c for c in copies if c.device.type == "cpu"), None)
     state.originals[(component, param)] = (host if host is not None else compute).detach().to("cpu", copy=True)
-    merged = (compute.float() + delta).to(compute.dtype)
-    if not torch.isfinite(merged).all():
+    merged = delta.add_(compute)  # fp32: W + sum of deltas, rounded once to the weight's dtype by the copies below
+    peak = float(merged.abs().amax())
+    if not peak <= torch.finfo(compute.dtype).max:  # also False for NaN
         raise LoraError(f"merging the LoRA(s) into {param} of {COMPONENT_TITLES[component]} overflows "
                         f"{str(compute.dtype).removeprefix('torch.')} (weight too high?)")
     for copy in copies:

@@ -443,3 +443,91 @@ def test_cli_refuses_before_loading(tiny_pair, tmp_path, make, message):
 def test_cli_refuses_a_bad_weight():
     run = _cli("generate", "x", "--lora", "a.safetensors:nan")
     assert run.returncode == 2 and "finite" in run.stderr and "Traceback" not in run.stderr
+
+
+# --- SD.Next: the diffusers LoRA calls its extra network makes (extension/lora.py) -------------------------------
+
+
+class _Params:  # SD.Next's ExtraNetworkParams: the tag's arguments
+    def __init__(self, *positional):
+        self.positional = list(positional)
+
+
+class _Base:
+    def __init__(self, engine):
+        self.engine = engine
+        self.preprocessed = 0
+
+    def preprocess(self, p, args):
+        self.preprocessed += 1
+
+
+def test_sdnext_lora_calls_merge_and_restore(tiny_pipeline, tmp_path):
+    """The sequence of modules/lora/lora_load.network_load + lora_diffusers.load_diffusers (diffusers method, the
+    one SD.Next uses for model type 'sc'): load_lora_weights, get_list_adapters, set_adapters, enable_lora; with
+    the fuse setting fuse_lora + unload_lora_weights; a prompt without LoRAs then disable_lora."""
+    from extension.lora import LoraAdapters
+
+    class Pipe(LoraAdapters, _Base):
+        pass
+
+    path = write_kohya(tmp_path / "style.v1.safetensors", three_layers(tiny_pipeline, SCHEMES["kohya"]))
+    pipe = Pipe(tiny_pipeline)
+    before = snapshot(tiny_pipeline)
+    reference = tiny_pipeline.generate(request(loras=((str(path), 0.8, None),))).images
+    plain = tiny_pipeline.generate(request()).images
+    name = "style.v1".replace(".", "_")
+    pipe.load_lora_weights(str(path), adapter_name=name)
+    assert_same_weights(tiny_pipeline, before)  # loading only checks
+    assert name in [a for names in pipe.get_list_adapters().values() for a in names]
+    pipe.set_adapters(adapter_names=[name], adapter_weights=[0.8])
+    pipe.enable_lora()
+    assert pipe.get_active_adapters() == [name]
+    assert torch.equal(tiny_pipeline.generate(request()).images, reference)
+    pipe.fuse_lora(adapter_names=[name], lora_scale=1.0, fuse_unet=True, fuse_text_encoder=True)
+    pipe.unload_lora_weights()
+    assert torch.equal(tiny_pipeline.generate(request()).images, reference)
+    pipe.disable_lora()
+    assert_same_weights(tiny_pipeline, before)
+    assert torch.equal(tiny_pipeline.generate(request()).images, plain)
+    pipe.preprocess(type("P", (), {"network_data": {}})(), {})
+    assert pipe.preprocessed == 1
+
+
+def test_sdnext_incompatible_lora_is_an_error_at_generation(tiny_pipeline, tmp_path):
+    from extension.lora import LoraAdapters
+
+    class Pipe(LoraAdapters, _Base):
+        pass
+
+    path = write_kohya(tmp_path / "sdxl_style.safetensors", {
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": factors(768, (768,), 2)})
+    pipe = Pipe(tiny_pipeline)
+    with pytest.raises(L.IncompatibleLoraError):
+        pipe.load_lora_weights(str(path), adapter_name="sdxl_style")  # SD.Next logs this and carries on
+    asked = type("P", (), {"network_data": {"lora": [_Params("sdxl_style", "0.8")]}})()
+    with pytest.raises(L.LoraError, match="sdxl_style.*SDXL"):
+        pipe.preprocess(asked, {})
+    pipe.preprocess(type("P", (), {"network_data": {"lora": []}})(), {})  # a later prompt without it runs
+    assert pipe.preprocessed == 1
+
+
+def test_mixin_composes_with_the_sdnext_pipeline_class(tiny_pipeline, tmp_path):
+    """The hook extension/pipeline.py needs: LoraAdapters first among StableCascadeSingleFilePipeline's bases.
+    Checked here on a subclass built that way (the real class's own `engine`, `preprocess` and diffusers bases)."""
+    from extension.lora import LoraAdapters
+    from extension.pipeline import StableCascadeSingleFilePipeline
+
+    class Hooked(LoraAdapters, StableCascadeSingleFilePipeline):
+        pass
+
+    pipe = Hooked.from_engine(tiny_pipeline)
+    path = write_kohya(tmp_path / "s.safetensors", three_layers(tiny_pipeline, SCHEMES["kohya"]))
+    before = snapshot(tiny_pipeline)
+    pipe.load_lora_weights(str(path), adapter_name="s")
+    pipe.set_adapters(["s"], [1.0])
+    assert pipe.get_active_adapters() == ["s"]
+    assert not torch.equal(tiny_pipeline.prior.get_submodule(Q).weight, before[f"prior.{Q}.weight"])
+    pipe.preprocess(type("P", (), {"network_data": {}})(), {})
+    pipe.unload_lora_weights()
+    assert_same_weights(tiny_pipeline, before)
