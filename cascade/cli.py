@@ -38,6 +38,22 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """Also record, as `given`, the dests a command's options were set from the command line (not defaults):
+        `generate --from PNG` lets those override the PNG. A second parse with every default suppressed says."""
+        parsed, extras = super().parse_known_args(args, namespace)
+        if self._subparsers is None and args is not None:
+            saved = [(action, action.default) for action in self._actions]
+            try:
+                for action, _ in saved:
+                    action.default = argparse.SUPPRESS
+                probe, _ = super().parse_known_args(list(args), None)
+            finally:
+                for action, default in saved:
+                    action.default = default
+            parsed.given = frozenset(vars(probe))
+        return parsed, extras
+
 
 def human_bytes(n: float) -> str:
     """1234567 -> '1.2 MB' (decimal units, as file managers and model pages show sizes)."""
@@ -97,7 +113,14 @@ def _add_generate(sub) -> None:
 
     p, d = default_prior(), default_decoder()
     g = _sub(sub, "generate", help="text (or image) to image", description="Generate images with Stable Cascade.")
-    g.add_argument("prompt", help="the prompt (A1111 weights: (word:1.2), BREAK)")
+    g.add_argument("prompt", nargs="?", default=None,
+                   help="the prompt (A1111 weights: (word:1.2), BREAK; see --prompt-syntax); optional with --from")
+    g.add_argument("--from", dest="from_png", type=path_arg, metavar="PNG",
+                   help="make this image again: the settings in its ComfyUI workflow or A1111/SD.Next parameters "
+                        "(flags given here override them)")
+    g.add_argument("--dry-run", action="store_true", help="with --from: print the settings read, as flags, and exit")
+    g.add_argument("--models", type=path_arg, metavar="DIR",
+                   help="with --from: find the checkpoints, text encoder, VAE and LoRAs the PNG names in this folder")
     g.add_argument("--negative", "--negative-prompt", dest="negative_prompt", default="", help="negative prompt")
     g.add_argument("--out", type=path_arg, default="out.png", help="output PNG (batch: <stem>-<seed>.png)")
     _add_model_files(g)
@@ -156,9 +179,34 @@ def _add_device_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--vram", default=None, help="memory budget for the plan, e.g. 16GiB (default: free device memory)")
 
 
+def _generate_options() -> dict[str, str]:
+    """dest -> the option string that spells it best (`--prior-steps` over `--steps`), for `--dry-run`."""
+    parser, _ = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
+    return {a.dest: next((o for o in a.option_strings if o == "--" + a.dest.replace("_", "-")), a.option_strings[0])
+            for a in sub._actions if a.option_strings}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .run import generate_to_files
 
+    if args.from_png:
+        from .errors import InvalidRequestError
+        from .recall import as_flags, merge_args, recall_png
+
+        recalled = recall_png(args.from_png)
+        args, problems = merge_args(args, recalled, set(getattr(args, "given", ())))
+        if args.dry_run:
+            print(as_flags(args, recalled, _generate_options(), set(getattr(args, "given", ()))))
+            for problem in problems:
+                print(f"note: {problem}", file=sys.stderr)
+            return 0
+        if problems:
+            raise InvalidRequestError(f"--from {args.from_png}: " + "; ".join(problems))
+    elif args.dry_run:
+        raise UsageError(f"{PROG} generate: --dry-run needs --from PNG (see --help)")
+    if args.prompt is None:
+        raise UsageError(f"{PROG} generate: a PROMPT is needed, or --from PNG (see --help)")
     for path, seed in generate_to_files(args):
         print(path)
     return 0

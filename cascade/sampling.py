@@ -50,6 +50,7 @@ Deviations from ComfyUI (deliberate; everything else is meant to match it)
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -472,7 +473,9 @@ class BrownianTreeNoise:
     def __call__(self, sigma: Tensor, sigma_next: Tensor) -> Tensor:
         a, b = _f32(torch.as_tensor(sigma)).cpu(), _f32(torch.as_tensor(sigma_next)).cpu()
         lo, hi, sign = (a, b, 1) if a < b else (b, a, -1)
-        w = self.tree(lo, hi).to(device=self.device, dtype=_F32) * (self.sign * sign)
+        with warnings.catch_warnings():  # torchsde compares the float32 ends to its own rounding of them and warns
+            warnings.filterwarnings("ignore", message="Should have t[ab]", category=UserWarning)
+            w = self.tree(lo, hi).to(device=self.device, dtype=_F32) * (self.sign * sign)
         return (w / (b - a).abs().sqrt().to(self.device)).to(self.dtype)
 
 
