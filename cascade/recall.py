@@ -46,7 +46,7 @@ class Recalled:
     fields: dict[str, Any]  # flat request fields
     models: dict[str, tuple[str, str]] = field(default_factory=dict)  # role -> (name in the PNG, where it is named)
     inputs: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # image field -> [(name, where)]
-    loras: list[tuple[str, float, float | None, str]] = field(default_factory=list)  # (name, w, te w, where)
+    loras: list[tuple[str, float | None, float | None, str]] = field(default_factory=list)  # (name, w, te w, where)
     size_from_image: bool = False  # img2img in ComfyUI: the output size is the init image's
     ignored: list[str] = field(default_factory=list)  # infotext keys that do not change the image here
 
@@ -339,7 +339,8 @@ _INFOTEXT = {  # infotext key -> (flat field, type); cascade.infotext.generation
     "Image prompt strength": ("image_prompt_strength", float),
 }
 _INFORMATIONAL = {"Model hash", "Decoder hash", "Dtype", "Offload", "Preset", "Version", "App", "Batch index",
-                  "Image prompts", "Size", "Model", "Decoder", "Lora hashes", "Pipeline", "Operations", "Backend"}
+                  "Image prompts", "Size", "Model", "Decoder", "LoRA networks", "LoRA hashes", "Lora hashes",
+                  "Pipeline", "Operations", "Backend"}
 
 
 def from_infotext(text: str) -> Recalled:
@@ -376,6 +377,8 @@ def from_infotext(text: str) -> Recalled:
         recalled.inputs["image"] = [("the init image", f"infotext 'Denoising strength: {fields['prior_denoise']:g}'")]
     if fields.get("decoder_denoise", 1.0) < 1.0:
         recalled.inputs["decoder_image"] = [("the decoder image", "infotext 'Decoder denoise'")]
+    for name in filter(None, (n.strip() for n in parsed.get("LoRA networks", "").split(","))):
+        recalled.loras.append((name, None, None, "infotext 'LoRA networks', which records no weights"))
     if int(parsed.get("Image prompts", 0) or 0):
         n = int(parsed["Image prompts"])
         recalled.inputs["image_prompts"] = [(f"image prompt {i + 1}", "infotext 'Image prompts'") for i in range(n)]
@@ -463,7 +466,9 @@ def _merge_loras(merged: Any, recalled: Recalled, given: set[str]) -> list[str]:
     problems, loras = [], []
     for name, weight, te, where in recalled.loras:
         path = find_model(name, folder) if folder is not None else None
-        if path is None:
+        if weight is None:
+            problems.append(f"it used the LoRA {name!r} ({where}): give it with --lora FILE:WEIGHT")
+        elif path is None:
             inside = f"in --models {folder}" if folder is not None else "(no --models DIR given)"
             flag = f"--lora FILE:{weight:g}" + (f":{te:g}" if te is not None else "")
             problems.append(f"the LoRA {name!r} ({where}) is not found {inside}: give it with {flag}")

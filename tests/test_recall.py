@@ -231,3 +231,30 @@ def test_round_trip_identical_pixels(tmp_path, capsys, extra):
     for a, b in zip(written, remade):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
         assert Image.open(a).text["parameters"] == Image.open(b).text["parameters"]
+
+
+def test_models_and_loras_found_by_name(tmp_path, capsys):
+    graph = txt2img_graph()
+    graph["30"]["inputs"]["model"] = ["60", 0]
+    graph["60"] = {"class_type": "LoraLoader", "inputs": {"model": ["41", 0], "clip": ["41", 1],
+                                                           "lora_name": "styles/ink.safetensors",
+                                                           "strength_model": 0.7, "strength_clip": 0.5}}
+    png = write_png(tmp_path / "l.png", prompt=json.dumps(graph))
+    models = tmp_path / "models"
+    for rel in ("checkpoints/cascade/stable_cascade_stage_c.safetensors", "unet/stable_cascade_stage_b.safetensors",
+                "loras/styles/ink.safetensors"):
+        (models / rel).parent.mkdir(parents=True, exist_ok=True)
+        (models / rel).write_bytes(b"")
+    assert main(["generate", "--from", str(png), "--models", str(models), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert f"--prior {models / 'checkpoints/cascade/stable_cascade_stage_c.safetensors'}" in out
+    assert f"--decoder {models / 'unet/stable_cascade_stage_b.safetensors'}" in out  # found by its file name
+    assert f"--lora {models / 'loras/styles/ink.safetensors'}:0.7:0.5" in out and not err
+
+
+def test_infotext_lora_without_weight_asks_for_it(tmp_path, capsys):
+    png = write_png(tmp_path / "a.png", parameters="x\nSteps: 4, Seed: 1, Size: 256x256, LoRA networks: ink, "
+                                                   "LoRA hashes: 0123abcd")
+    assert main(["generate", "--from", str(png), "--out", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err
+    assert "'ink'" in err and "--lora FILE:WEIGHT" in err
