@@ -3,7 +3,9 @@
 Standalone:   python install.py [--dev] [--serve]
     Installs torch (only when no torch is importable: a vendor build you installed yourself is kept) and the
     exact pins of requirements.txt into the running Python, with every transitive package held to the versions in
-    constraints.txt; --dev adds the test tools of requirements-dev.txt.
+    constraints.txt; --dev adds the test tools of requirements-dev.txt and the serving packages (the server's tests
+    are part of the suite); --serve adds only the serving packages of requirements-serve.txt (FastAPI, uvicorn,
+    Prometheus client, Ray Serve) for `python -m cascade serve|batch`.
 Inside SD.Next (it runs `python install.py` with cwd = this folder and PYTHONPATH = the SD.Next root):
     installs only packages that are missing, with `launch.run_pip` and exact pins, and does nothing when
     everything is present — SD.Next's own torch/diffusers/transformers are never replaced.
@@ -84,7 +86,7 @@ def main(argv: list[str]) -> int:
     if inside_sdnext():
         install_in_sdnext()
     else:
-        install_standalone(dev="--dev" in argv, serve="--serve" in argv)
+        install_standalone(dev="--dev" in argv, serve="--serve" in argv or "--dev" in argv)
     return 0
 
 

@@ -123,6 +123,11 @@ def prepare_job(body: Any, kind: str, worker: Worker, defaults: dict[str, Any]) 
         raise InvalidRequestError(f"{api.images} images (batch_size x n_iter) in one request; this server makes at "
                                   f"most {config.max_images}")
     fields = dict(api.fields)
+    for key in ("prompt", "negative_prompt"):
+        text = fields.get(key)
+        if isinstance(text, str) and len(text) > config.max_prompt_chars:
+            raise InvalidRequestError(f"{key} has {len(text)} characters; this server takes at most "
+                                      f"{config.max_prompt_chars} (--max-prompt-chars)")
     for key in ("width", "height"):
         if isinstance(fields.get(key), bool) or not isinstance(fields.get(key, 1024), (int, float)):
             raise InvalidRequestError(f"{key} {fields.get(key)!r} must be a whole number of pixels")
@@ -204,6 +209,8 @@ def create_app(config: ServeConfig, worker: Worker | None = None, *, start: bool
             return json.loads(raw or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InvalidRequestError(f"the request body is not valid JSON ({err})") from None
+        except RecursionError:
+            raise InvalidRequestError("the request body nests JSON arrays/objects too deeply") from None
 
     async def wait_for(job: Job, request: Request):
         """The job's output; stops the job when the client goes away or its deadline passes while it waits."""

@@ -285,8 +285,6 @@ def _run_ray(todo: list[Unit], config: ServeConfig, address: str, workers: int, 
     from .ray_serve import cluster_gpus, connect
 
     ray = connect(address, config)
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
-
     resources = {"num_gpus": 1} if cluster_gpus() > 0 else {"num_cpus": 1}
     actor_class = ray.remote(max_restarts=0, **resources)(Renderer)
     actors = [actor_class.remote(config) for _ in range(max(1, workers))]
@@ -297,6 +295,17 @@ def _run_ray(todo: list[Unit], config: ServeConfig, address: str, workers: int, 
         if pending:
             unit = pending.pop()
             in_flight[actor.render.remote(unit)] = (unit, actor)
+
+    try:
+        _drain(ray, actors, pending, in_flight, feed, finish, failed)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _drain(ray, actors: list, pending: list, in_flight: dict, feed, finish, failed) -> None:
+    """Hand out units until none is left; a dead actor's unit goes back to the pending list for the others."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
     for actor in actors:
         feed(actor)
@@ -325,5 +334,3 @@ def _run_ray(todo: list[Unit], config: ServeConfig, address: str, workers: int, 
             continue
         finish(unit, rendered)
         feed(actor)
-    for actor in actors:
-        ray.kill(actor)

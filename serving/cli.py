@@ -11,7 +11,7 @@ from cascade.errors import CascadeError
 
 from .config import DEFAULT_HOST, DEFAULT_PORT, ServeConfig, parse_api_auth
 
-TINY_NOTICE = ("No --prior/--decoder given: serving the embedded TINY model with RANDOM weights (for testing; the "
+TINY_NOTICE = ("No --prior/--decoder given: using the embedded TINY model with RANDOM weights (for testing; the "
                "images are noise-like). Pass --prior MAIN.safetensors --decoder DECODER.safetensors for real images.")
 SERVE_HINT = "the serving packages are missing: run `python install.py --serve` (installs requirements-serve.txt)"
 
@@ -45,6 +45,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (base64 images included)")
     s.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="largest image (request size, init image)")
     s.add_argument("--max-images", type=int, default=16, help="most images per request (batch_size x n_iter)")
+    s.add_argument("--max-prompt-chars", type=int, default=20000, help="longest prompt / negative prompt")
     s.add_argument("--ray", action="store_true", help="deploy on Ray Serve (one replica per GPU, CPU replicas if none)")
     s.add_argument("--address", default=None, help="Ray cluster address (auto, ray://HOST:10001); default: a local Ray")
     s.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (fixed)")
@@ -71,6 +72,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         api_auth=parse_api_auth(getattr(args, "api_auth", None)), api_tokens=tuple(getattr(args, "api_token", ())),
         max_body_bytes=int(getattr(args, "max_body_mb", 32.0) * 1024 * 1024),
         max_image_pixels=getattr(args, "max_image_pixels", 4096 * 4096), max_images=getattr(args, "max_images", 16),
+        max_prompt_chars=getattr(args, "max_prompt_chars", 20000),
         torch_threads=args.threads,
     )
 

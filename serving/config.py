@@ -29,6 +29,7 @@ class ServeConfig:
     max_body_bytes: int = 32 * 1024 * 1024  # request bodies (base64 images included)
     max_image_pixels: int = 4096 * 4096  # a decoded init image, and width x height of a request
     max_images: int = 16  # images per request (batch_size x n_iter)
+    max_prompt_chars: int = 20000  # per prompt: each 75 tokens is one more text-encoder pass and cross-attention block
     torch_threads: int | None = None  # per process (Ray replicas on one machine share its cores)
     tags: dict[str, str] = field(default_factory=dict)  # labels shown in /healthz (e.g. the Ray replica)
 
@@ -40,8 +41,10 @@ class ServeConfig:
             raise CascadeError(f"--queue-size {self.queue_size} must be 0 or more")
         if not self.timeout_s > 0:
             raise CascadeError(f"--timeout {self.timeout_s} must be more than 0 seconds")
-        if self.max_images < 1 or self.max_body_bytes < 1024 or self.max_image_pixels < 128 * 128:
-            raise CascadeError("--max-images must be >= 1, --max-body-mb > 0 and --max-image-pixels >= 16384")
+        if (self.max_images < 1 or self.max_body_bytes < 1024 or self.max_image_pixels < 128 * 128
+                or self.max_prompt_chars < 1):
+            raise CascadeError("--max-images and --max-prompt-chars must be >= 1, --max-body-mb > 0 and "
+                               "--max-image-pixels >= 16384")
 
     @property
     def auth_enabled(self) -> bool:

@@ -3,10 +3,16 @@
 Each replica is a Ray actor that builds `serving.app.create_app(config)` itself (serve.ingress with a builder), so it
 opens its own pipeline from paths every node must see (a shared or replicated model folder) and holds nothing another
 replica needs: replicas are stateless, the Serve controller restarts a dead one, and its proxy routes around it.
-What bounds a replica's work is the same bounded queue as the standalone server: `max_ongoing_requests` =
-queue_size + 1 (the running request), `max_queued_requests` at the proxy = queue_size per replica, past which Serve
-answers 503. Autoscaling (`--autoscale MIN:MAX`) targets that queue length: Serve adds a replica when the requests
-ongoing per replica stay above `target_ongoing_requests`.
+What bounds a replica's work is the same bounded queue as the standalone server: a replica whose queue is full
+answers 503 + Retry-After itself (SD.Next's error JSON). Serve counts every request, progress polls included, against
+`max_ongoing_requests`, so that is queue_size + 1 (the running one) + CONTROL_SLOTS: a replica busy generating still
+answers /progress and /interrupt. Past that, requests wait at the proxy (`max_queued_requests`), and past that Serve
+answers 503 with Retry-After itself (plain text). Autoscaling (`--autoscale MIN:MAX`) targets the queue length:
+Serve adds a replica when the requests ongoing per replica stay above `target_ongoing_requests`.
+
+A replica that dies mid-request costs that request a 5xx from the proxy (never a hang); the controller starts a new
+one and the proxy routes to the others meanwhile. /progress and /interrupt reach one replica chosen by the proxy:
+with several replicas, a task is found (and interrupted by id) only on the replica running it — see the README.
 
 `python -m cascade serve --ray [--address auto] --replicas N` deploys it; `serve run serving/serve.yaml` does the
 same from the documented config (`build_app` reads the yaml's `args`).
@@ -14,7 +20,6 @@ same from the documented config (`build_app` reads the yaml's `args`).
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from dataclasses import replace
@@ -28,6 +33,8 @@ from .config import ServeConfig
 APP_NAME = "cascade"
 DEPLOYMENT_NAME = "StableCascade"
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
+CONTROL_SLOTS = 4  # requests beyond the generation queue a replica takes at once: progress, interrupt, options
+RETRY_AFTER_S = 5  # Serve's own 503 (its proxy queue full) cannot know the job time; the replica's 503 does
 
 
 def require_ray():
@@ -59,8 +66,9 @@ def deployment_options(config: ServeConfig, replicas: int | None, autoscale: tup
     options: dict[str, Any] = {
         "name": DEPLOYMENT_NAME,
         "ray_actor_options": actor,
-        "max_ongoing_requests": config.queue_size + 1,
+        "max_ongoing_requests": config.queue_size + 1 + CONTROL_SLOTS,
         "max_queued_requests": max(1, config.queue_size),
+        "backpressure_config": {"status_code": 503, "retry_after_s": RETRY_AFTER_S},
         "health_check_period_s": 5,
         "health_check_timeout_s": 30,
         "graceful_shutdown_timeout_s": 10,
@@ -81,10 +89,23 @@ def build_deployment(config: ServeConfig, replicas: int | None = 1, autoscale: t
     _, serve = require_ray()
 
     class StableCascadeReplica:
-        """Routes come from the FastAPI app the builder makes (serving.app)."""
+        """Routes come from the FastAPI app built on the replica (serving.app); Serve's health check asks the
+        replica's worker, so a replica whose worker thread died is replaced by the controller."""
 
-    ingress = serve.ingress(functools.partial(replica_app, config))(StableCascadeReplica)
-    return serve.deployment(**deployment_options(config, replicas, autoscale, gpus))(ingress).bind()
+        def __init__(self, config: ServeConfig):
+            self.config = config
+            self.cascade_app = None
+
+        def __serve_build_asgi_app__(self):  # Serve's late-bound ingress: called once on the replica, after __init__
+            self.cascade_app = replica_app(self.config)
+            return self.cascade_app
+
+        def check_health(self) -> None:
+            if self.cascade_app is not None and not self.cascade_app.state.worker.alive:
+                raise RuntimeError("the replica's generation worker is not running")
+
+    ingress = serve.ingress()(StableCascadeReplica)
+    return serve.deployment(**deployment_options(config, replicas, autoscale, gpus))(ingress).bind(config)
 
 
 def runtime_env(config: ServeConfig) -> dict[str, Any]:

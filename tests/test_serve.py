@@ -317,6 +317,66 @@ def test_unparseable_bodies_and_images(live):
     assert txt2img(url, {"prompt": "still fine", **SMALL})[0] == 200
 
 
+@pytest.mark.parametrize("body, words", [
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": "a", "width": "128"}, "width"),
+    ({"prompt": "a", "batch_size": "2"}, "batch_size"),
+    ({"prompt": "a", "n_iter": 1.5}, "n_iter"),
+    ({"prompt": "a", "seed": "7"}, "seed"),
+    ({"prompt": "a", "cfg_scale": [1]}, "cfg_scale"),
+    ({"prompt": "a", "send_images": "yes"}, "send_images"),
+    ({"prompt": "a", "sd_model_checkpoint": 3}, "sd_model_checkpoint"),
+    ({"prompt": "a", "override_settings": "x"}, "override_settings"),
+    ({"prompt": "a", "negative_prompt": {"x": 1}}, "negative_prompt"),
+    ({"prompt": "a", "force_task_id": 12}, "force_task_id"),
+    ({"prompt": "a", "steps": 10 ** 30}, "steps"),
+    ({"prompt": "a" * 20001}, "at most 20000"),
+    (["a", "list"], "JSON object"),
+    ("a string", "JSON object"),
+])
+def test_wrong_types_answer_400_with_the_field(live, body, words):
+    url, _ = live
+    status, _, answer = txt2img(url, {**SMALL, **body} if isinstance(body, dict) else body)
+    assert status == 400 and words in answer["detail"], answer
+    assert answer["code"] == 400 and answer["error"] == "InvalidRequestError"
+
+
+def test_hostile_bodies_answer_4xx_and_the_server_keeps_serving(guarded, live):
+    """Deeply nested JSON, a chunked body past the limit (no Content-Length to refuse it by), a declared length
+    past the limit, undecodable bytes, an image whose header claims more pixels than allowed (no decoding)."""
+    url = live[0]
+    status, _, body = call(url, "POST", "/sdapi/v1/txt2img", b"[" * 100000 + b"]" * 100000)
+    assert status == 400 and "deeply" in body["detail"]
+    assert call(url, "POST", "/sdapi/v1/txt2img", b"\xff\xfe\x00garbage")[0] == 400
+
+    guarded_url, good = guarded[0], {"Authorization": "Bearer tok123"}
+    host, port = guarded_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    chunks = (b'{"prompt": "' + b"x" * 16 * 1024 if i == 0 else b"x" * 16 * 1024 for i in range(8))
+    conn.request("POST", "/sdapi/v1/txt2img", body=chunks, headers={**good, "Content-Type": "application/json"},
+                 encode_chunked=True)
+    resp = conn.getresponse()
+    answer = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 413 and "larger than" in answer["detail"]
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/sdapi/v1/txt2img")
+    for key, value in {**good, "Content-Type": "application/json", "Content-Length": str(10 ** 12)}.items():
+        conn.putheader(key, value)
+    conn.endheaders()  # a huge declared body that never comes: refused before it is read
+    resp = conn.getresponse()
+    assert resp.status == 413
+    conn.close()
+
+    buffer = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(buffer, format="PNG")  # 25 Mpx in a few KB: refused from its header
+    bomb = base64.b64encode(buffer.getvalue()).decode()
+    status, _, body = call(url, "POST", "/sdapi/v1/img2img", {"prompt": "a", "init_images": [bomb], **SMALL})
+    assert status == 400 and "pixels" in body["detail"]
+    assert call(url, "GET", "/healthz")[0] == 200
+    assert txt2img(url, {"prompt": "still serving", **SMALL})[0] == 200
+
+
 def test_img2img_from_a_base64_png(live):
     url, _ = live
     buffer = io.BytesIO()
