@@ -6,6 +6,18 @@ gives the decoder no callback), it sizes the bar from `pipe.num_timesteps`, and 
 steps at the start and advanced after every step of both stages; `interrupted`, `skipped` and `paused` are
 checked between steps.
 
+img2img: SD.Next never passes `image`/`strength` to a pipeline whose class its task switch does not know (ours stays a
+text-to-image task), so `preprocess` hands over `p.init_images` (already flattened onto the background colour and
+resized by the chosen resize mode) and `p.denoising_strength`; the engine then fits the image to the request size
+with ComfyUI's centre crop. A hires pass passes its images itself.
+
+Live previews: SD.Next's preview for Stable Cascade decodes a Stage C latent with a previewer it downloads, and
+would show Stage B latents as noise. Instead each due step gets our own preview (the previewer part of the main
+file, else ComfyUI's latent-to-RGB factors; cascade.previews), placed in `shared.state.current_image` the way
+SD.Next's callback does for pipelines that give images. SD.Next's settings decide: "Live preview method"
+(`show_progress_type`: None = no previews, Simple = the factors, anything else = the previewer when there is one)
+and "Progress update period" (`live_preview_refresh_period`, ms: at most one preview per period).
+
 Stop semantics: Interrupt ends the run and returns what finished — nothing, as a batch runs as one — and SD.Next
 then ends the job. Skip ends the current batch, consumes the skip flag and lets SD.Next go on with the next batch
 (with the flag left set, SD.Next would also drop the batch after it).
@@ -24,6 +36,11 @@ from .errors import CascadeHostError, host_error
 from .pipeline import PipelineHost
 
 STAGE_TITLES = {"prior": "Stage C (prior)", "decoder": "Stage B (decoder)"}
+# SD.Next's "Live preview method" -> cascade.previews method (TAESD and Full have no Stable Cascade counterpart that
+# is cheap enough per step; they get the previewer, the closest to a decode).
+PREVIEW_METHODS = {"None": None, "Simple": "rgb", "Approximate": "auto", "TAESD": "auto", "Full": "auto",
+                   "Full VAE": "auto"}
+DEFAULT_REFRESH_MS = 500  # SD.Next's live_preview_refresh_period default
 _SDNEXT_CALLBACKS = ("prior_callback_on_step_end", "prior_callback_on_step_end_tensor_inputs", "prior_callback_steps",
                      "callback_on_step_end", "callback_on_step_end_tensor_inputs", "callback_steps", "callback")
 
@@ -52,9 +69,11 @@ def _report_seeds(p: Any, seeds: list[int]) -> None:
 class SdnextHost(PipelineHost):
     """Binds one loaded pipeline to SD.Next's request objects and `shared.state`."""
 
-    def __init__(self, decoder_name: str, offload_mode: str = "none"):
+    def __init__(self, decoder_name: str, offload_mode: str = "none", clock=time.monotonic):
         self.decoder_name = decoder_name
         self.offload_mode = offload_mode
+        self.clock = clock
+        self._last_preview: float | None = None
 
     # --- arguments and infotext -------------------------------------------------------------------------------
     def preprocess(self, pipe, p: Any, args: dict[str, Any]) -> None:
@@ -99,6 +118,10 @@ class SdnextHost(PipelineHost):
             _report_seeds(p, args["seeds"])
         for key in _SDNEXT_CALLBACKS:
             args.pop(key, None)
+        init_images = getattr(p, "init_images", None)
+        if init_images and args.get("image") is None:  # the img2img tab (see the module doc)
+            args["image"] = list(init_images)
+            args["strength"] = getattr(p, "denoising_strength", None)
         # The engine encodes the prompt text itself (README, "SD.Next"); SD.Next passes embeddings instead of text when
         # its parser ran, so hand over this batch's text too.
         args.setdefault("prompt", list(p.prompts))
@@ -111,10 +134,34 @@ class SdnextHost(PipelineHost):
 
         shared.state.sampling_steps = total_steps
         shared.state.sampling_step = 0
+        self._last_preview = None
+
+    def preview_method(self, event: StepEvent) -> str | None:
+        """SD.Next's preview settings for this step (module doc): the method, or None when no preview is due."""
+        from modules import shared
+
+        opts, state = shared.opts, shared.state
+        if getattr(state, "disable_preview", False):
+            return None
+        name = str(getattr(opts, "show_progress_type", "TAESD"))
+        method = PREVIEW_METHODS.get(name, "auto")
+        if method is None:
+            return None
+        period = getattr(opts, "live_preview_refresh_period", DEFAULT_REFRESH_MS)
+        period = DEFAULT_REFRESH_MS if not isinstance(period, (int, float)) else max(0.0, float(period))
+        now = self.clock()
+        if self._last_preview is not None and (now - self._last_preview) * 1000 < period:
+            return None
+        self._last_preview = now
+        return method
 
     def step(self, event: StepEvent) -> None:
         from modules import shared
 
+        if event.preview is not None:  # as SD.Next's diffusers_callback does for an `image` callback input
+            shared.state.current_image = event.preview
+            shared.state.current_latent = None
+            shared.state.preview_job = -1
         shared.state.step()
         shared.state.textinfo = f"Stable Cascade {STAGE_TITLES.get(event.stage, event.stage)}: step {event.step}/{event.total}"
 

@@ -25,6 +25,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 from diffusers import DDPMWuerstchenScheduler, StableCascadeCombinedPipeline
 from diffusers.utils import BaseOutput
@@ -48,8 +49,12 @@ class PipelineHost:
     def begin(self, total_steps: int) -> None:
         """A generation of `total_steps` sampling steps (both stages, all images) starts."""
 
+    def preview_method(self, event: StepEvent) -> str | None:
+        """Whether this step gets a live preview, and how (cascade.previews.METHODS); None = no preview."""
+        return None
+
     def step(self, event: StepEvent) -> None:
-        """One sampling step of either stage finished."""
+        """One sampling step of either stage finished (`event.preview` holds the preview `preview_method` asked for)."""
 
     def should_stop(self) -> bool:
         """Checked after every step: True stops the generation between steps."""
@@ -128,6 +133,64 @@ def _consecutive_runs(seeds: list[int], lengths: list[tuple[int, ...]] | None = 
             runs.append((start, i))
             start = i
     return runs
+
+
+DEFAULT_STRENGTH = 0.8  # diffusers' img2img pipelines' default `strength`, for callers that pass an image alone
+
+
+def _to_pil(image: Any, what: str):
+    """A PIL image from what diffusers-style callers pass: PIL, or an HWC / CHW array or tensor (uint8, or floats in
+    [0, 1]); cascade.images then checks it like any input."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        array = image[0] if image.ndim == 4 and image.shape[0] == 1 else image
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = array.transpose(1, 2, 0)  # CHW -> HWC
+        if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+            raise InvalidRequestError(f"{what} array of shape {tuple(image.shape)} is not one HWC or CHW image")
+        if array.dtype != np.uint8:
+            array = (np.clip(array.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
+        return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    raise InvalidRequestError(f"{what} must be a PIL image, an array or a tensor, got {type(image).__name__}")
+
+
+def _init_images(image: Any, batch: int) -> list | None:
+    """One init image per output image from `image` (diffusers' img2img argument): one image for the whole batch,
+    or a list with one per image (SD.Next passes `p.init_images`; its hires pass passes each first-pass image)."""
+    if image is None:
+        return None
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4:
+        items = list(image)
+    items = [_to_pil(item, f"init image {i + 1}") for i, item in enumerate(items) if item is not None]
+    if not items:
+        return None
+    if len(items) == 1:
+        return items * batch
+    if len(items) != batch:
+        raise InvalidRequestError(f"{len(items)} init images for {batch} images: pass one image, or one per image")
+    return items
+
+
+def _image_keys(inits: list | None) -> list[int]:
+    """Per image, which distinct init image it starts from (runs of one engine batch share one init image)."""
+    if inits is None:
+        return []
+    seen: list = []
+    keys = []
+    for image in inits:
+        match = next((i for i, other in enumerate(seen) if other is image or (
+            other.size == image.size and other.mode == image.mode and other.tobytes() == image.tobytes())), None)
+        if match is None:
+            seen.append(image)
+            match = len(seen) - 1
+        keys.append(match)
+    return keys
 
 
 def _rows(cond: list[Conditioning], start: int, end: int) -> Conditioning:
@@ -275,11 +338,15 @@ class StableCascadeSingleFilePipeline(StableCascadeCombinedPipeline):
         stage_a_scale: float = STAGE_A_SCALE,
         guidance_rescale: float = 0.0,
         seeds: list[int] | None = None,
+        image: Any = None,
+        strength: float | None = None,
         cascade_fields: Mapping[str, Any] | None = None,
     ):
         """Generate images. Prior: steps/CFG/sampler of Stage C; decoder: Stage B's; `seeds` or `generator`
         (one per image) seed each image's noise, so image i of a batch equals a single run with its seed.
-        `cascade_fields`: any other flat request fields (cascade.request.build_request names) a host sets."""
+        `image` + `strength` (diffusers' img2img arguments, what SD.Next's img2img fills): Stage C img2img, the request
+        fields `image` and `prior_denoise` (strength 0.8 when only an image is given); one image for the batch or one
+        per image. `cascade_fields`: any other flat request fields (cascade.request.build_request names)."""
         if self.load_error is not None:
             raise self.load_error
         host = self.host or PipelineHost()
@@ -300,6 +367,12 @@ class StableCascadeSingleFilePipeline(StableCascadeCombinedPipeline):
                     raise InvalidRequestError(f"{len(negatives)} negative prompts for {n_prompts} prompts")
                 negatives = [t for t in negatives for _ in range(num_images_per_prompt)]
             all_seeds = _seed_list(seeds, generator, batch)
+            inits = _init_images(image, batch)
+            if inits is None and strength is not None:
+                raise InvalidRequestError(f"strength {strength} was given without an image to start from; pass "
+                                          "`image` (img2img) or leave strength out")
+            image_fields = {} if inits is None else {
+                "image": inits[0], "prior_denoise": DEFAULT_STRENGTH if strength is None else strength}
             # One request for the whole call through the engine's one constructor (names resolved, every value
             # checked); each run of consecutive seeds below is this request with its seed and batch size.
             base = build_request({
@@ -310,7 +383,7 @@ class StableCascadeSingleFilePipeline(StableCascadeCombinedPipeline):
                 "decoder_steps": num_inference_steps, "decoder_cfg": decoder_guidance_scale,
                 "decoder_sampler": decoder_sampler, "decoder_scheduler": decoder_scheduler,
                 "decoder_shift": decoder_shift, "compression": compression, "stage_a_scale": stage_a_scale,
-                "cfg_rescale": guidance_rescale or 0.0, **(cascade_fields or {}),
+                "cfg_rescale": guidance_rescale or 0.0, **image_fields, **(cascade_fields or {}),
             })
             prior, decoder = base.prior, base.decoder
             if prompts is not None and prompt_embeds is not None:
@@ -323,7 +396,9 @@ class StableCascadeSingleFilePipeline(StableCascadeCombinedPipeline):
             if len(cond) != batch or len(uncond) != batch:
                 raise InvalidRequestError(f"{len(cond)} prompt and {len(uncond)} negative prompt conditionings for "
                                           f"{batch} images")
-            runs = _consecutive_runs(all_seeds, [(c.hidden.shape[1], u.hidden.shape[1]) for c, u in zip(cond, uncond)])
+            keys = _image_keys(inits) or [0] * batch
+            runs = _consecutive_runs(all_seeds, [(c.hidden.shape[1], u.hidden.shape[1], k)
+                                                 for c, u, k in zip(cond, uncond, keys)])
             totals = {stage: len(sampling.sigmas_for(st.sampler, st.scheduler, st.steps, st.shift, st.denoise)) - 1
                       for stage, st in (("prior", prior), ("decoder", decoder))}
             host.begin((totals["prior"] + totals["decoder"]) * len(runs))
@@ -331,8 +406,16 @@ class StableCascadeSingleFilePipeline(StableCascadeCombinedPipeline):
             raise host_error(e, "request") from e
 
         callbacks = {"prior": prior_callback_on_step_end, "decoder": callback_on_step_end}
+        previews = {"on": True}
 
         def on_step(event: StepEvent) -> None:
+            method = host.preview_method(event) if previews["on"] and event.preview is None else None
+            if method is not None:
+                try:
+                    event.preview = self.engine.preview(event, method)
+                except Exception as e:  # noqa: BLE001 - a preview must not end the generation; said once, then off
+                    log.warning("Stable Cascade: live previews are off for this generation: %s", e)
+                    previews["on"] = False
             host.step(event)
             cb = callbacks.get(event.stage)
             if cb is not None:
@@ -342,7 +425,8 @@ class StableCascadeSingleFilePipeline(StableCascadeCombinedPipeline):
         interrupted = False
         try:
             for start, end in runs:
-                request = replace(base, seed=all_seeds[start], batch_size=end - start)
+                request = replace(base, seed=all_seeds[start], batch_size=end - start,
+                                  image=inits[start] if inits is not None else base.image)
                 result = self.engine.generate(
                     request, callback=on_step, interrupt=host.should_stop,
                     cond=_rows(cond, start, end), uncond=_rows(uncond, start, end))

@@ -533,3 +533,151 @@ def test_embeddings_with_several_images_per_prompt(pipe, tiny_pipeline):
                **SMALL)
     text = pipe(prompt="a red fox", seeds=[9], output_type="np", **SMALL).images[0]
     assert out.images.shape[0] == 2 and np.abs(out.images[1] - text).max() < 1e-4
+
+
+# --- img2img and live previews --------------------------------------------------------------------------------------
+
+
+def _picture(seed: int, size=(160, 144)):
+    from PIL import Image
+
+    gen = np.random.RandomState(seed)
+    return Image.fromarray((gen.rand(5, 4, 3) * 255).astype(np.uint8)).resize(size, Image.BICUBIC)
+
+
+@pytest.fixture
+def engine_calls(tiny_pipeline, monkeypatch):
+    """The requests the wrapped engine is asked to run (it still runs them)."""
+    calls = []
+    real = tiny_pipeline.generate
+
+    def spy(request, **kw):
+        calls.append(request)
+        return real(request, **kw)
+
+    monkeypatch.setattr(tiny_pipeline, "generate", spy)
+    return calls
+
+
+def test_image_and_strength_become_stage_c_img2img(pipe, engine_calls):
+    """diffusers' img2img arguments map onto the request fields `image` / `prior_denoise` (through build_request)."""
+    picture = _picture(1)
+    out = pipe(prompt="a fox", seeds=[3], image=[picture], strength=0.6, output_type="np", **SMALL).images
+    (request,) = engine_calls
+    assert request.image is picture and request.prior.denoise == 0.6
+    txt2img = pipe(prompt="a fox", seeds=[3], output_type="np", **SMALL).images
+    stronger = pipe(prompt="a fox", seeds=[3], image=picture, strength=0.9, output_type="np", **SMALL).images
+    other = pipe(prompt="a fox", seeds=[3], image=_picture(2), strength=0.6, output_type="np", **SMALL).images
+    again = pipe(prompt="a fox", seeds=[3], image=picture, strength=0.6, output_type="np", **SMALL).images
+    assert np.array_equal(out, again)
+    for different in (txt2img, stronger, other):
+        assert np.abs(out - different).mean() > 1e-3
+    assert engine_calls[1].image is None and engine_calls[1].prior.denoise == 1.0
+    pipe(prompt="a fox", seeds=[3], image=picture, output_type="np", **SMALL)
+    assert engine_calls[-1].prior.denoise == 0.8  # an image alone: diffusers' default strength
+
+
+def test_one_init_image_per_image_or_one_for_the_batch(pipe, engine_calls):
+    a, b = _picture(1), _picture(2)
+    both = pipe(prompt=["x", "x"], seeds=[1, 2], image=[a, b], strength=0.6, output_type="np", **SMALL).images
+    assert [r.batch_size for r in engine_calls] == [1, 1]  # different init images run apart
+    single = pipe(prompt="x", seeds=[2], image=b, strength=0.6, output_type="np", **SMALL).images
+    assert np.abs(both[1] - single[0]).max() < 1e-4
+    engine_calls.clear()
+    pipe(prompt=["x", "x"], seeds=[1, 2], image=[a, a.copy()], strength=0.6, output_type="np", **SMALL)
+    assert [r.batch_size for r in engine_calls] == [2]  # equal pixels: one batch
+
+
+def test_array_and_tensor_images_equal_the_pil_image(pipe):
+    picture = _picture(4, (128, 128))
+    hwc = np.asarray(picture, dtype=np.float32) / 255.0
+    runs = [pipe(prompt="x", seeds=[5], image=img, strength=0.5, output_type="np", **SMALL).images
+            for img in (picture, hwc, torch.from_numpy(hwc).permute(2, 0, 1), hwc[None])]
+    for other in runs[1:]:
+        assert np.abs(other - runs[0]).max() < 1e-4
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(strength=0.5), "strength 0.5 was given without an image"),
+    (dict(image="in.png", strength=0.5), "must be a PIL image, an array or a tensor"),
+    (dict(image=np.zeros((2, 2)), strength=0.5), "is not one HWC or CHW image"),
+    (dict(image=[None, None, None], strength=0.5), None),
+    (dict(image=[_picture(1), _picture(2), _picture(3)], strength=0.5), "3 init images for 1 images"),
+    (dict(image=_picture(1, (1, 1)), strength=0.5), "is 1x1"),
+    (dict(image=_picture(1), strength=1.5), "prior denoise 1.5 must be in"),
+])
+def test_bad_img2img_arguments_are_400s(pipe, kw, message):
+    if message is None:  # an empty image list is text-to-image... with a strength that then has no image
+        message = "without an image"
+    with pytest.raises(CascadeHostError, match=message) as err:
+        pipe(prompt="x", seeds=[1], output_type="np", **SMALL, **kw)
+    assert err.value.status_code == 400
+
+
+def test_host_hands_over_sdnexts_init_images_and_strength(fake_modules, tiny_pipeline, engine_calls):
+    """SD.Next's img2img leaves `image`/`strength` out for our (text-to-image task) class: preprocess fills them."""
+    from extension.host import SdnextHost
+
+    picture = _picture(3)
+    p = _fake_p(init_images=[picture], denoising_strength=0.45)
+    args = {"prior_num_inference_steps": 3, "num_inference_steps": 2, "output_type": "np"}
+    pipe = StableCascadeSingleFilePipeline.from_engine(tiny_pipeline, host=SdnextHost("d.safetensors"))
+    pipe.preprocess(p, args)
+    assert args["image"] == [picture] and args["strength"] == 0.45
+    out = pipe(**args, width=128, height=128)
+    assert out.images.shape == (1, 128, 128, 3)
+    assert engine_calls[-1].image is picture and engine_calls[-1].prior.denoise == 0.45
+    hires = {"image": [_picture(5)], "strength": 0.3}  # a hires pass passes its own images: kept
+    pipe.preprocess(_fake_p(init_images=[picture], denoising_strength=0.45), hires)
+    assert hires["strength"] == 0.3 and hires["image"][0] is not picture
+    txt2img = {}
+    pipe.preprocess(_fake_p(init_images=None), txt2img)
+    assert "image" not in txt2img and "strength" not in txt2img
+
+
+class PreviewState(FakeState):
+    """Records the live previews SD.Next would show (what `current_image` is set to)."""
+
+    def __init__(self):
+        super().__init__()
+        self.previews, self.current_latent, self.preview_job = [], "stale", 7
+
+    def __setattr__(self, name, value):
+        if name == "current_image":
+            self.previews.append(value)
+        super().__setattr__(name, value)
+
+
+def _preview_run(fake_modules, tiny_pipeline, clock=None, **opts):
+    from extension.host import SdnextHost
+
+    fake_modules.state = PreviewState()
+    for key, value in opts.items():
+        setattr(fake_modules.opts, key, value)
+    host = SdnextHost("d") if clock is None else SdnextHost("d", clock=clock)
+    pipe = StableCascadeSingleFilePipeline.from_engine(tiny_pipeline, host=host)
+    pipe(prompt="x", seeds=[1], output_type="np", width=256, height=384, prior_num_inference_steps=3,
+         num_inference_steps=2)
+    return fake_modules.state
+
+
+def test_live_previews_reach_sdnexts_preview_pane(fake_modules, tiny_pipeline):
+    state = _preview_run(fake_modules, tiny_pipeline, show_progress_type="Approximate", live_preview_refresh_period=0)
+    sizes = [image.size for image in state.previews]
+    # Stage C through the main file's previewer (8x its latent), Stage B by the factors (its latent's size)
+    assert sizes == [(8 * (256 // 42), 8 * (384 // 42))] * 3 + [(256 // 4, 384 // 4)] * 2
+    assert all(image.mode == "RGB" for image in state.previews)
+    assert state.current_latent is None and state.preview_job == -1  # SD.Next then shows current_image
+    simple = _preview_run(fake_modules, tiny_pipeline, show_progress_type="Simple", live_preview_refresh_period=0)
+    assert simple.previews[0].size == (256 // 42, 384 // 42)  # the latent-to-RGB factors at the latent's size
+    assert _preview_run(fake_modules, tiny_pipeline, show_progress_type="None").previews == []
+
+
+def test_live_previews_follow_the_refresh_period(fake_modules, tiny_pipeline):
+    ticks = iter(range(1000))
+    clock = lambda: next(ticks) * 0.2  # noqa: E731 - 200 ms between steps
+    state = _preview_run(fake_modules, tiny_pipeline, clock, show_progress_type="Simple",
+                         live_preview_refresh_period=500)
+    assert len(state.previews) == 2  # steps 1 and 4 of 5 (0, 0.6 s)
+    state = _preview_run(fake_modules, tiny_pipeline, show_progress_type="TAESD", live_preview_refresh_period=10**9)
+    assert len(state.previews) == 1  # the first step only
