@@ -82,6 +82,16 @@ def generation_fields(prior: StageSettings, decoder: StageSettings, *, compressi
     return {k: v for k, v in fields.items() if v is not None}
 
 
+def lora_fields(loras) -> dict[str, str]:
+    """"LoRA networks" (file names without extension, SD.Next's field) and "LoRA weights" (UNet[:text-encoder]
+    weight of each, in the same order), so `--from` can ask for the files and apply them as they were."""
+    from .lora_apply import as_entry
+
+    entries = [as_entry(item) for item in loras]
+    weights = [f"{e.unet:g}" + (f":{e.text_encoder:g}" if e.text_encoder is not None else "") for e in entries]
+    return {"LoRA networks": ", ".join(model_title(e.path) or "" for e in entries), "LoRA weights": ", ".join(weights)}
+
+
 def build_infotext(
     request: GenerationRequest,
     seed: int,
@@ -122,6 +132,8 @@ def build_infotext(
     if request.image_prompts:
         fields["Image prompts"] = len(request.image_prompts)
         fields["Image prompt strength"] = _num(request.image_prompt_strength)
+    if request.loras:
+        fields.update(lora_fields(request.loras))
     if dtypes:
         fields["Dtype"] = " ".join(f"{k}={v}" for k, v in dtypes.items())
     fields.update(extra or {})

@@ -339,7 +339,7 @@ _INFOTEXT = {  # infotext key -> (flat field, type); cascade.infotext.generation
     "Image prompt strength": ("image_prompt_strength", float),
 }
 _INFORMATIONAL = {"Model hash", "Decoder hash", "Dtype", "Offload", "Preset", "Version", "App", "Batch index",
-                  "Image prompts", "Size", "Model", "Decoder", "LoRA networks", "LoRA hashes", "Lora hashes",
+                  "Image prompts", "Size", "Model", "Decoder", "LoRA networks", "LoRA weights", "LoRA hashes", "Lora hashes",
                   "Pipeline", "Operations", "Backend"}
 
 
@@ -377,8 +377,14 @@ def from_infotext(text: str) -> Recalled:
         recalled.inputs["image"] = [("the init image", f"infotext 'Denoising strength: {fields['prior_denoise']:g}'")]
     if fields.get("decoder_denoise", 1.0) < 1.0:
         recalled.inputs["decoder_image"] = [("the decoder image", "infotext 'Decoder denoise'")]
-    for name in filter(None, (n.strip() for n in parsed.get("LoRA networks", "").split(","))):
-        recalled.loras.append((name, None, None, "infotext 'LoRA networks', which records no weights"))
+    names = [n.strip() for n in parsed.get("LoRA networks", "").split(",") if n.strip()]
+    weights = [w.strip() for w in parsed.get("LoRA weights", "").split(",") if w.strip()]
+    for i, name in enumerate(names):
+        if len(weights) == len(names):
+            unet, _, te = weights[i].partition(":")
+            recalled.loras.append((name, float(unet), float(te) if te else None, "infotext 'LoRA networks'"))
+        else:
+            recalled.loras.append((name, None, None, "infotext 'LoRA networks', which records no weights"))
     if int(parsed.get("Image prompts", 0) or 0):
         n = int(parsed["Image prompts"])
         recalled.inputs["image_prompts"] = [(f"image prompt {i + 1}", "infotext 'Image prompts'") for i in range(n)]

@@ -258,3 +258,25 @@ def test_infotext_lora_without_weight_asks_for_it(tmp_path, capsys):
     assert main(["generate", "--from", str(png), "--out", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
     assert "'ink'" in err and "--lora FILE:WEIGHT" in err
+
+
+def test_our_lora_fields_come_back(tmp_path):
+    from cascade.infotext import build_infotext
+    from cascade.request import build_request
+
+    req = build_request(prompt="x", seed=1, loras=[("/m/loras/ink.safetensors", 0.7, 0.5), ("/m/b.safetensors", 0.8, None)])
+    r = from_infotext(build_infotext(req, 1))
+    assert [lora[:3] for lora in r.loras] == [("ink", 0.7, 0.5), ("b", 0.8, None)]
+    (tmp_path / "loras").mkdir()
+    for name in ("ink.safetensors", "b.safetensors"):
+        (tmp_path / "loras" / name).write_bytes(b"")
+    png = write_png(tmp_path / "p.png", parameters=build_infotext(req, 1))
+    from cascade.cli import build_parser
+
+    args = build_parser()[0].parse_args(["generate", "--from", str(png), "--models", str(tmp_path)])
+    from cascade.recall import merge_args
+
+    merged, problems = merge_args(args, recall_png(png), set(args.given))
+    assert not problems
+    assert merged.loras == [(str(tmp_path / "loras/ink.safetensors"), 0.7, 0.5),
+                            (str(tmp_path / "loras/b.safetensors"), 0.8, None)]
