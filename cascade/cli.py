@@ -167,7 +167,9 @@ def _add_generate(sub) -> None:
     images.add_argument("--preview", type=path_arg, help="keep writing a live preview PNG of the first image here")
     images.add_argument("--preview-every", type=int, default=4, help="steps between previews (with --preview)")
     _add_device_args(g)
-    g.add_argument("--lora", dest="loras", action="append", default=[], type=_lora_arg, metavar="FILE[:WEIGHT[:TE_WEIGHT]]", help="a LoRA (repeatable); weight default 1, TE_WEIGHT default WEIGHT (README: LoRA)")
+    g.add_argument("--lora", dest="loras", action="append", default=[], type=_lora_arg,
+                   metavar="FILE[:WEIGHT[:TE_WEIGHT]]",
+                   help="a LoRA (repeatable); WEIGHT default 1, TE_WEIGHT default WEIGHT (README: LoRA)")
     g.add_argument("--quiet", action="store_true", help="no progress lines or bars")
 
 

@@ -90,13 +90,29 @@ def prepare(pipe, entries: Sequence) -> list[PreparedLora]:
     if len(entries) > MAX_LORAS:
         raise LoraError(f"{len(entries)} LoRAs in one request: at most {MAX_LORAS}")
     models = models_of(pipe)
+    plain = {c: _uncompiled(m) for c, m in models.items()}
     out = []
     for entry in entries:
         lora = read_lora(entry.path)
-        bound = bind(lora, models)
+        bound = bind(lora, plain)
         _refuse_dora(bound)
+        compiled = sorted(COMPONENT_TITLES[c] for c in bound.components() if plain[c] is not models[c])
+        if compiled:
+            raise LoraError(f"{printable(lora.path.name)}: the {' and '.join(compiled)} here is compiled for "
+                            "OpenVINO with its weights built in, so a LoRA cannot be merged into it. Use LoRAs on "
+                            "another device (--device cpu/cuda/xpu), or without this LoRA.")
         out.append(PreparedLora(entry, bound))
     return out
+
+
+def _uncompiled(module: nn.Module) -> nn.Module:
+    """The torch module under an OpenVINO wrapper (cascade_backends.openvino: OpenVINOModule.original, or
+    torch.compile's _orig_mod); the module itself otherwise."""
+    for attr in ("original", "_orig_mod"):
+        inner = getattr(module, attr, None)
+        if isinstance(inner, nn.Module):
+            return inner
+    return module
 
 
 def _refuse_dora(bound: BoundLora) -> None:
@@ -232,8 +248,9 @@ def _merge_one(state: MergedLoras, model: nn.Module, component: str, param: str,
     host = next((c for c in copies if c.device.type == "cpu"), None)
     state.originals[(component, param)] = (host if host is not None else compute).detach().to("cpu", copy=True)
     merged = delta.add_(compute)  # fp32: W + sum of deltas, rounded once to the weight's dtype by the copies below
-    peak = float(merged.abs().amax())
-    if not peak <= torch.finfo(compute.dtype).max:  # also False for NaN
+    lo, hi = (float(v) for v in torch.aminmax(merged))
+    limit = torch.finfo(compute.dtype).max
+    if not (-limit <= lo and hi <= limit):  # also False for NaN
         raise LoraError(f"merging the LoRA(s) into {param} of {COMPONENT_TITLES[component]} overflows "
                         f"{str(compute.dtype).removeprefix('torch.')} (weight too high?)")
     for copy in copies:

@@ -89,6 +89,9 @@ SCHEMES = {
                    "lora_prior_te_text_model_encoder_layers_0_self_attn_q_proj"),
     "comfyui-generic": ("diffusion_model.down_blocks.0.2.attention.attn.to_q", "diffusion_model.clf.1",
                         "lora_te_text_model_encoder_layers_0_self_attn_q_proj"),
+    # OneTrainer's OMI names (modules/util/convert/lora: 'attention.attn.in_proj.0' <-> diffusers 'attention.to_q')
+    "onetrainer-omi": ("unet.down_blocks.0.2.attention.attn.in_proj.0", "unet.clf.1",
+                       "clip_g.text_model.encoder.layers.0.self_attn.q_proj"),
     "diffusers": ("prior.down_blocks.0.2.attention.to_q", "prior.clf.1",
                   "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"),
 }
@@ -531,3 +534,49 @@ def test_mixin_composes_with_the_sdnext_pipeline_class(tiny_pipeline, tmp_path):
     pipe.preprocess(type("P", (), {"network_data": {}})(), {})
     pipe.unload_lora_weights()
     assert_same_weights(tiny_pipeline, before)
+
+
+def test_openvino_compiled_unet_is_refused(tiny_pipeline, tmp_path):
+    """A UNet behind cascade_backends' OpenVINO wrapper (its weights baked into the compiled model) is named, and
+    the LoRA refused before anything changes; a LoRA on the (uncompiled) text encoder alone still merges."""
+    from torch import nn
+
+    class Wrapper(nn.Module):  # the shape of cascade_backends.openvino.OpenVINOModule: the torch module as .original
+        def __init__(self, module):
+            super().__init__()
+            self.original = module
+
+    class Pipe:
+        prior = Wrapper(tiny_pipeline.prior)
+        decoder = tiny_pipeline.decoder
+        text_encoder = tiny_pipeline.text_encoder
+        placement = tiny_pipeline.placement
+
+    layers = three_layers(tiny_pipeline, SCHEMES["kohya"])
+    path = write_kohya(tmp_path / "a.safetensors", layers)
+    with pytest.raises(L.LoraError, match="compiled for OpenVINO"):
+        A.prepare(Pipe, [path])
+    te_only = write_kohya(tmp_path / "te.safetensors", {SCHEMES["kohya"][2]: layers[SCHEMES["kohya"][2]]})
+    assert A.prepare(Pipe, [te_only])[0].bound.components() == {"text_encoder"}
+
+
+def test_fp16_overflow_is_refused_and_restored(tiny_models, tmp_path):
+    import copy
+
+    from cascade.pipeline import Resident
+
+    class Pipe:
+        prior = copy.deepcopy(tiny_models.prior).half()
+        decoder = tiny_models.decoder
+        text_encoder = tiny_models.text_encoder
+        placement = Resident("cpu")
+
+    q = Pipe.prior.get_submodule(Q)
+    clf = Pipe.prior.get_submodule("clf.1")
+    before = {n: m.weight.detach().clone() for n, m in ((Q, q), ("clf.1", clf))}
+    layers = {SCHEMES["kohya"][1]: factors(16, (64, 1, 1), 1),  # fine, merged first
+              SCHEMES["kohya"][0]: (torch.full((RANK, 64), 300.0), torch.full((64, RANK), 300.0))}  # 360000 > 65504
+    path = write_kohya(tmp_path / "big.safetensors", layers, alpha=None)
+    with pytest.raises(L.LoraError, match="overflows float16"):
+        A.applied(Pipe, [path]).__enter__()
+    assert torch.equal(q.weight, before[Q]) and torch.equal(clf.weight, before["clf.1"])
