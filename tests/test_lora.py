@@ -580,3 +580,26 @@ def test_fp16_overflow_is_refused_and_restored(tiny_models, tmp_path):
     with pytest.raises(L.LoraError, match="overflows float16"):
         A.applied(Pipe, [path]).__enter__()
     assert torch.equal(q.weight, before[Q]) and torch.equal(clf.weight, before["clf.1"])
+
+
+@pytest.mark.parametrize("mode", ["stage", "stream", "sequential"])
+def test_every_memory_plan_gives_the_resident_result(tiny_pair, tiny_pipeline, monkeypatch, tmp_path, mode):
+    """cascade.offload.Executor (streamed blocks included) with a LoRA: the image of the resident pipeline with the
+    same LoRA, the plain image before and after it, and the executor's host copies are the weights merged."""
+    from cascade_backends import select_backend
+    from cascade.offload import Executor
+    from test_memory import ZERO, load_with, squeezing_activations, tiny_plan
+
+    sizes, _ = tiny_plan(tiny_pair, monkeypatch, 10**12)
+    budget, activations = squeezing_activations(sizes) if mode != "stage" else (10**12, ZERO)
+    _, plan = tiny_plan(tiny_pair, monkeypatch, budget, mode=mode, activations=activations)
+    executor = Executor(plan, select_backend("cpu"))
+    pipe = load_with(tiny_pair, executor)
+    path = write_kohya(tmp_path / "a.safetensors", three_layers(pipe, SCHEMES["kohya"]))
+    plain = pipe.generate(request()).images
+    q = pipe.prior.get_submodule(Q)
+    assert (id(q), "weight") in executor.host_copies()
+    with_lora = pipe.generate(request(loras=((str(path), 0.9, None),))).images
+    assert torch.equal(with_lora, tiny_pipeline.generate(request(loras=((str(path), 0.9, None),))).images)
+    assert not torch.equal(with_lora, plain)
+    assert torch.equal(pipe.generate(request()).images, plain)
