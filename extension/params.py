@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Sequence
 
+from cascade.api_fields import resolve_seed, sdnext_cfg as api_sdnext_cfg
 from cascade.errors import InvalidRequestError
 from cascade.names import DEFAULT_NAME, UnknownNameError, resolve_sampler, resolve_scheduler
 from cascade.request import MAX_SEED, SIZE_MULTIPLE, STAGE_A_SCALE, StageSettings, default_decoder, default_prior
@@ -118,48 +119,20 @@ def infotext_fields(prior: StageSettings, decoder: StageSettings, settings: Casc
 
 
 # --- SD.Next's conventions for seeds, CFG and sizes ------------------------------------------------------------------
-RANDOM_SEED = -1  # SD.Next's (and A1111's) "random": modules/processing_helpers.py get_fixed_seed
-UNSET_CFG = -1  # SD.Next's UI default for cfg_scale / cfg_image: modules/processing_args.py passes a CFG only if > -1
 REQUESTED_SIZE_ATTR = "cascade_requested_size"  # (width, height) before SD.Next rounded them (remember_requested_size)
 
 
 def resolve_seeds(seeds: Sequence[Any], draw: Callable[[], int] | None = None) -> list[int]:
-    """SD.Next's per-image seeds -> the seeds that will be used: -1 alone means random (drawn here, as SD.Next's
-    get_fixed_seed draws in [0, 2^32-2), so the seed used can be reported); any other negative seed, a seed past
-    2^64-1 or a non-integer is refused (SD.Next would pass -5 on to torch, which silently remaps it)."""
-    draw = draw or (lambda: random.randrange(4294967294))
-    out = []
-    for seed in seeds:
-        if isinstance(seed, float) and seed.is_integer():
-            seed = int(seed)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise InvalidRequestError(f"seed {seed!r} is not an integer; use -1 for a random seed or 0..{MAX_SEED}")
-        if seed == RANDOM_SEED:
-            seed = draw()
-        elif seed < 0:
-            raise InvalidRequestError(f"seed {seed} is negative: only -1 means a random seed; use -1 or a seed "
-                                      f"between 0 and {MAX_SEED} (2^64-1)")
-        elif seed > MAX_SEED:
-            raise InvalidRequestError(f"seed {seed} is larger than {MAX_SEED} (2^64-1)")
-        out.append(seed)
-    return out
+    """SD.Next's per-image seeds -> the seeds that will be used (cascade.api_fields.resolve_seed: -1 alone means
+    random, drawn here so the seed used can be reported; any other negative, oversized or non-integer seed is refused,
+    where SD.Next would pass -5 on to torch, which silently remaps it)."""
+    return [resolve_seed(seed, draw) for seed in seeds]
 
 
 def sdnext_cfg(value: Any, default: float, field: str) -> float:
-    """An SD.Next CFG field -> the CFG used: None or -1 (the UI's "default") is the engine's `default`; a negative
-    or non-finite value is refused. The upper bound is the engine's (cascade.request.validate)."""
-    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == UNSET_CFG):
-        return float(default)
-    try:
-        cfg = float(value)
-    except (TypeError, ValueError):
-        raise InvalidRequestError(f"{field} {value!r} is not a number") from None
-    if not math.isfinite(cfg):
-        raise InvalidRequestError(f"{field} {value!r} must be a finite number")
-    if cfg < 0:
-        raise InvalidRequestError(f"{field} {value!r} is negative: use -1 for the default ({default:g}) or a value "
-                                  "from 0 (the model card uses 4-7 for the prior, 1-1.5 for the decoder)")
-    return cfg
+    """An SD.Next CFG field -> the CFG used: None or -1 (the UI's "default") is the engine's `default`; negative or
+    non-finite values are refused (cascade.api_fields.sdnext_cfg). The upper bound is the engine's (validate)."""
+    return api_sdnext_cfg(value, float(default), field)
 
 
 def remember_requested_size(p: Any) -> None:

@@ -395,8 +395,8 @@ def test_host_preprocess_maps_fields_and_writes_infotext(fake_modules, tiny_pipe
     assert args["prompt"] == ["a fox"] and args["negative_prompt"] == [""] and args["seeds"] == [11]
     assert "prior_callback_on_step_end" not in args  # our progress replaces SD.Next's prior-only callback
     assert args["compression"] == 36.0 and args["decoder_scheduler"] == "exponential"
-    assert p.extra_generation_params["Decoder schedule"] == "Exponential"
-    assert p.extra_generation_params["Decoder"] == "d.safetensors"
+    assert p.extra_generation_params["Decoder schedule type"] == "Exponential"  # the CLI's field names (infotext)
+    assert p.extra_generation_params["Decoder"] == "d"
     out = pipe(**{**args, "prompt_embeds": None, "width": 128, "height": 128})
     assert out.images.shape == (1, 128, 128, 3)
     assert fake_modules.state.sampling_steps == 5 and fake_modules.state.sampling_step == 5

@@ -207,8 +207,9 @@ def test_txt2img_image_size_and_infotext(sdnext):
     assert [(_image(b).size) for b in body["images"]] == [(384, 640), (384, 640)]
     info = json.loads(body["info"])
     text = info["infotexts"][1]
-    for field in ("Refiner steps: 2", "Image CFG scale: 1.5", "Decoder sampler: DPM++ 2M", "Decoder schedule: Karras",
-                  "Compression: 36", "Prior sampler: DDPM", "Decoder: tiny_sc_decoder.safetensors", "Seed: 8"):
+    for field in ("Refiner steps: 2", "Image CFG scale: 1.5", "Decoder sampler: DPM++ 2M",
+                  "Decoder schedule type: Karras", "Compression: 36", "Sampler: DDPM", "Decoder: tiny_sc_decoder",
+                  "Seed: 8"):
         assert field in text, text
     status, png = sdnext.client.post("/sdapi/v1/png-info", {"image": body["images"][1]})
     assert status == 200
