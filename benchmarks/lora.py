@@ -73,7 +73,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variant", default="lite", choices=("lite", "big"))
     parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1, help="1: on a shared 2-vCPU machine 2 OpenMP threads stall (benchmarks/sampling.py)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="1: on a shared 2-vCPU machine 2 OpenMP threads stall (see benchmarks/sampling.py)")
     parser.add_argument("--steps", type=int, default=2, help="timed Stage C steps (median)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

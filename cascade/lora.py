@@ -434,7 +434,8 @@ def _choose_stage(lora: LoraFile, items, tables, weights) -> str:
     # Neither fits: report against the stage the names match best.
     scores = {s: sum(rest in tables[s] for _, _, rest in items) for s in (PRIOR, DECODER) if s in tables}
     best = max(scores, key=lambda s: scores[s])
-    raise IncompatibleLoraError(_mismatch_message(lora, best, items, _mismatches(lora, items, tables[best], weights[best])))
+    problems = _mismatches(lora, items, tables[best], weights[best])
+    raise IncompatibleLoraError(_mismatch_message(lora, best, items, problems))
 
 
 def _mismatches(lora: LoraFile, items, table: dict[str, str], weights: dict[str, torch.Tensor]) -> list[str]:
@@ -458,12 +459,16 @@ def layer_shape_problem(header: SafetensorsHeader, layer: LoraLayer, target: tup
         return f"factors of shapes {list(down)} / {list(up)} are not matrices"
     out_dim, in_numel = target[0], math.prod(target[1:])
     rank = down[0]
+    if not 1 <= rank <= min(out_dim, in_numel):
+        # rank 0 adds nothing and divides alpha by 0; above min(out, in) no trainer writes it (full rank is min)
+        return f"it declares rank {rank} for a weight of {list(target)} (1 to {min(out_dim, in_numel)} possible)"
     if up[0] != out_dim or math.prod(up[1:]) != up[1] * 1 or up[1] != (mid[0] if mid else rank):
         if math.prod(up[2:]) != 1 or up[0] != out_dim:
             return f"lora_up is {list(up)}, the weight has {out_dim} outputs"
         return f"lora_up {list(up)} does not fit lora_down {list(down)}"
     if mid is not None:
-        if len(target) != 4 or tuple(mid[2:]) != tuple(target[2:]) or mid[1] != rank or math.prod(down[1:]) != target[1]:
+        if (len(target) != 4 or tuple(mid[2:]) != tuple(target[2:]) or mid[1] != rank
+                or math.prod(down[1:]) != target[1]):
             return f"Tucker factors {list(down)}/{list(mid)}/{list(up)} do not fit the weight {list(target)}"
     elif math.prod(down[1:]) != in_numel:
         return f"lora_down is {list(down)}, the weight is {list(target)}"

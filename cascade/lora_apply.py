@@ -243,7 +243,8 @@ def _merge_one(state: MergedLoras, model: nn.Module, component: str, param: str,
     delta = None
     for item, patch, w in patches:
         reader = readers[id(item)]
-        term = layer_delta(reader, patch, compute.shape, compute.device).mul_(w * patch_scale(item.bound, patch, reader))
+        term = layer_delta(reader, patch, compute.shape, compute.device)
+        term.mul_(w * patch_scale(item.bound, patch, reader))
         delta = term if delta is None else delta.add_(term)
     host = next((c for c in copies if c.device.type == "cpu"), None)
     state.originals[(component, param)] = (host if host is not None else compute).detach().to("cpu", copy=True)

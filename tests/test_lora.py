@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -129,8 +128,8 @@ def test_each_scheme_merges_the_reference_and_restores_bit_exactly(tiny_pipeline
     want_t = (te.weight.float() + 0.5 * scale * (tu @ td)).to(te.weight.dtype)
 
     with A.applied(pipe, [(str(path), 0.8, 0.5)]) as state:
-        assert sorted(state.originals) == sorted([("prior", f"{Q}.weight"), ("prior", "clf.1.weight"),
-                                                  ("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj.weight")])
+        te_weight = ("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj.weight")
+        assert sorted(state.originals) == sorted([("prior", f"{Q}.weight"), ("prior", "clf.1.weight"), te_weight])
         with torch.no_grad():
             torch.testing.assert_close(q(x), want_q, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(clf(xc), want_c, rtol=1e-5, atol=1e-5)
@@ -277,7 +276,8 @@ def test_tucker_locon_on_a_kernel_conv(tiny_pipeline, tmp_path):
 def test_stage_b_lora_binds_to_the_decoder(tiny_pipeline, tmp_path):
     """`lora_unet_` names exist in both UNets; the shapes decide (Stage B's effnet_mapper exists only there)."""
     w = tiny_pipeline.decoder.get_submodule("effnet_mapper.0").weight
-    path = write_kohya(tmp_path / "b.safetensors", {"lora_unet_effnet_mapper_0": factors(w.shape[0], tuple(w.shape[1:]), 6)})
+    layer = factors(w.shape[0], tuple(w.shape[1:]), 6)
+    path = write_kohya(tmp_path / "b.safetensors", {"lora_unet_effnet_mapper_0": layer})
     bound = A.prepare(tiny_pipeline, [path])[0].bound
     assert bound.components() == {"decoder"}
 
@@ -287,7 +287,8 @@ def test_stage_b_lora_binds_to_the_decoder(tiny_pipeline, tmp_path):
 
 def test_wrong_stage_is_refused_naming_it(tiny_pipeline, tmp_path):
     w = tiny_pipeline.decoder.get_submodule("effnet_mapper.0").weight
-    path = write_kohya(tmp_path / "x.safetensors", {"lora_prior_unet_effnet_mapper_0": factors(w.shape[0], tuple(w.shape[1:]), 6)})
+    layer = factors(w.shape[0], tuple(w.shape[1:]), 6)
+    path = write_kohya(tmp_path / "x.safetensors", {"lora_prior_unet_effnet_mapper_0": layer})
     before = snapshot(tiny_pipeline)
     with pytest.raises(L.IncompatibleLoraError, match="does not fit the loaded Stage C.*effnet_mapper"):
         tiny_pipeline.generate(request(loras=((str(path), 1.0, None),)))
@@ -369,10 +370,14 @@ def test_huge_rank_declared_and_garbage_files_are_clear_errors(tmp_path):
         assert "Traceback" not in str(info.value) and len(str(info.value)) < 600
 
 
-def test_rank_zero_and_nonfinite_alpha(tiny_pipeline, tmp_path):
+def test_rank_zero_too_high_and_nonfinite_alpha(tiny_pipeline, tmp_path):
     path = write_kohya(tmp_path / "a.safetensors", {"lora_unet_clf_1": factors(16, (64, 1, 1), 1)}, alpha=float("inf"))
     with pytest.raises(L.LoraError, match="alpha"):
         A.applied(tiny_pipeline, [path]).__enter__()
+    for rank in (0, 17):  # clf.1 is [16, 64, 1, 1]: rank 1..16
+        path = write_kohya(tmp_path / f"r{rank}.safetensors", {"lora_unet_clf_1": factors(16, (64, 1, 1), 1, rank)})
+        with pytest.raises(L.IncompatibleLoraError, match=f"declares rank {rank}"):
+            A.prepare(tiny_pipeline, [path])
 
 
 # --- request, CLI, infotext ----------------------------------------------------------------------------------------
