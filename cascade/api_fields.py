@@ -74,6 +74,8 @@ HOST_FIELDS = ("n_iter", "send_images", "sd_model_checkpoint", "override_setting
 # Flat fields a JSON body may never set directly: they carry images, which a host decodes itself (a string there
 # could be taken for a file path, and no path from a request is ever opened).
 IMAGE_FIELDS = ("image", "decoder_image", "image_prompts")
+# Flat fields that hold file paths (LoRA files): never from a request body, for the same reason.
+PATH_FIELDS = ("loras",)
 MODEL_OPTION = "sd_model_checkpoint"
 
 
@@ -84,7 +86,7 @@ def option_key(name: str) -> str:
 
 def json_fields() -> tuple[str, ...]:
     """The flat engine fields a JSON body may set by name (everything but the image inputs)."""
-    return tuple(n for n in request_field_names() if n not in IMAGE_FIELDS)
+    return tuple(n for n in request_field_names() if n not in IMAGE_FIELDS + PATH_FIELDS)
 
 
 def options_to_fields(options: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -198,6 +200,9 @@ def from_sdnext(body: Mapping[str, Any], *, img2img: bool = False, defaults: Map
             out[key] = value
         elif key in IMAGE_FIELDS:
             raise InvalidRequestError(f"{key!r} cannot be set by name: send images as base64 in init_images")
+        elif key in PATH_FIELDS:
+            raise InvalidRequestError(f"{key!r} names files, which a request cannot do: LoRAs over the API are "
+                                      "not supported (use the CLI's --lora, or SD.Next's <lora:name:w>)")
         else:
             ignored.append(key)
     # Options: extra and override_settings use the extension's cascade_* keys (request values win over both).

@@ -608,3 +608,12 @@ def test_every_memory_plan_gives_the_resident_result(tiny_pair, tiny_pipeline, m
     assert torch.equal(with_lora, tiny_pipeline.generate(request(loras=((str(path), 0.9, None),))).images)
     assert not torch.equal(with_lora, plain)
     assert torch.equal(pipe.generate(request()).images, plain)
+
+
+def test_api_bodies_cannot_name_lora_files():
+    """No path from a request is ever opened (cascade.api_fields): `loras` is refused in an SD.Next API body."""
+    from cascade.api_fields import from_sdnext, json_fields
+
+    assert "loras" not in json_fields()
+    with pytest.raises(CascadeError, match="loras.*names files"):
+        from_sdnext({"prompt": "x", "loras": [["/etc/passwd", 1.0]]})
