@@ -280,13 +280,18 @@ def test_planner_sizes_from_published_headers_equal_the_full_size_table(files, h
     assert from_headers.blocks == table.blocks
 
 
-def test_plan_command_reads_the_published_headers(files, holes_unseen, capsys):
-    pair = PAIRS["comfyui"]
-    code = main(["plan", "--prior", str(files[pair[0]]), "--decoder", str(files[pair[1]]), "--dtype", "bf16",
-                 "--vram", "24GiB", "--json"])
-    assert code == 0
-    plan = json.loads(capsys.readouterr().out)
-    assert plan
+@pytest.mark.parametrize("pair", ["comfyui", "stability-lite-fp32"])
+def test_plan_command_on_published_headers_equals_the_plan_without_files(files, holes_unseen, capsys, pair):
+    """`plan --prior --decoder` (header sizes) and `plan --variant` (the shipped table) must agree exactly."""
+    prior, decoder, variant = PAIRS[pair]
+    common = ["--dtype", "bf16", "--vram", "12GiB", "--width", "1024", "--height", "1536", "--json"]
+    extra = [] if pair == "comfyui" else ["--text-encoder", str(_target(files, "diffusers/text_encoder")),
+                                          "--stage-a", str(files["stability/stage_a.safetensors"])]
+    assert main(["plan", "--prior", str(files[prior]), "--decoder", str(files[decoder]), *extra, *common]) == 0
+    from_headers = json.loads(capsys.readouterr().out)
+    assert main(["plan", "--variant", variant, *common]) == 0
+    assert from_headers == json.loads(capsys.readouterr().out)
+    assert from_headers["fits"] and from_headers["options"]
 
 
 # --- loading real data in the published layouts (the small files, written for real) -----------------------------
