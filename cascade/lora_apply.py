@@ -222,7 +222,7 @@ def merge(pipe, prepared: list[PreparedLora]) -> MergedLoras:
         with contextlib.ExitStack() as stack:
             for item in prepared:
                 readers[id(item)] = stack.enter_context(TensorReader(item.bound.lora.header))
-            with torch.no_grad():
+            with torch.inference_mode():  # device copies uploaded in a phase are inference tensors
                 for (component, param), patches in targets.items():
                     _merge_one(state, models[component], component, param, patches, readers)
     except BaseException:
@@ -262,7 +262,7 @@ def restore(state: MergedLoras) -> None:
     """Put every original weight back, bit for bit, into every copy the placement holds now (a NaN-guard recast
     during the request may have converted them: the original is converted the same way)."""
     models = models_of(state.pipe)
-    with torch.no_grad():
+    with torch.inference_mode():  # device copies uploaded in a phase are inference tensors
         for (component, param), original in state.originals.items():
             owner, name = _resolve(models[component], param)
             for copy in _copies(state.pipe.placement, owner, name):
