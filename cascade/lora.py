@@ -556,9 +556,13 @@ def lora_arg(text: str) -> tuple[str, float, float | None]:
     import argparse
 
     try:
-        return parse_lora_arg(text)
+        path, unet, te = parse_lora_arg(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+    head, _, tail = path.rpartition(":")
+    if head and not Path(path).exists() and Path(head.rsplit(":", 1)[0] if ":" in head else head).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r}: {tail!r} is not a weight (a number, e.g. {head}:0.8)")
+    return path, unet, te
 
 
 def addnet_hash(path: str | Path) -> str:

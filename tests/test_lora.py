@@ -452,9 +452,13 @@ def test_cli_refuses_before_loading(tiny_pair, tmp_path, make, message):
     assert not (tmp_path / "o.png").exists()
 
 
-def test_cli_refuses_a_bad_weight():
+def test_cli_refuses_a_bad_weight(tmp_path):
     run = _cli("generate", "x", "--lora", "a.safetensors:nan")
     assert run.returncode == 2 and "finite" in run.stderr and "Traceback" not in run.stderr
+    path = write_kohya(tmp_path / "s.safetensors", {"lora_unet_clf_1": factors(16, (64, 1, 1), 1)})
+    for text in (f"{path}:abc", f"{path}:0.5:abc"):
+        run = _cli("generate", "x", "--lora", text)
+        assert run.returncode == 2 and "'abc' is not a weight" in run.stderr, run.stderr
 
 
 # --- SD.Next: the diffusers LoRA calls its extra network makes (extension/lora.py) -------------------------------
