@@ -160,6 +160,10 @@ def parameters_on_meta() -> Iterator[None]:
     must be materialised; parameters come from the file and would only waste time and RAM if initialised. The patch
     is scoped to this block and to the calling thread: a module another thread builds meanwhile (a host UI, another
     extension) gets ordinary parameters.
+
+    Why not a library's: `with torch.device("meta")` puts the buffers on meta too (CLIP's position_ids would be lost);
+    accelerate's `init_empty_weights(include_buffers=False)` is this same register_parameter patch, but process-wide
+    (not thread-scoped, which matters inside SD.Next's threaded server) and a dependency we do not otherwise need.
     """
     original = nn.Module.register_parameter
     owner = threading.get_ident()
