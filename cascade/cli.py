@@ -223,7 +223,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             info = describe(scan(path))
         except (CascadeError, OSError) as err:
             documents.append({"path": str(path), "error": str(err)})
-            if not args.json:
+            if not args.json and len(args.files) > 1:  # one file: the error line below says it all
                 print(f"{printable(str(path))}: ERROR: {err}")
             status = 2
             continue
@@ -240,9 +240,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               + (f" (e.g. {', '.join(printable(k) for k in unknown[:5])})" if unknown else ""))
     if args.json:
         print(json.dumps(documents, indent=2))
-    failed = sum("error" in d for d in documents)
-    if failed:
-        _error(f"{failed} of {len(documents)} files could not be used (reasons above)")
+    failed = [d for d in documents if "error" in d]
+    if len(documents) == 1 and failed:
+        _error(f"{printable(failed[0]['path'])}: {failed[0]['error']}")
+    elif failed:
+        _error(f"{len(failed)} of {len(documents)} files could not be used (reasons above)")
     return status
 
 

@@ -36,6 +36,7 @@ from cascade.pipeline import CascadePipeline, Conditioning, StepEvent, to_pil
 from cascade.request import STAGE_A_SCALE, build_request, default_decoder, default_prior
 
 from .errors import host_error
+from .lora import LoraAdapters
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def _rows(cond: list[Conditioning], start: int, end: int) -> Conditioning:
     return Conditioning(torch.cat([c.hidden for c in cond[start:end]]), torch.cat([c.pooled for c in cond[start:end]]))
 
 
-class StableCascadeSingleFilePipeline(StableCascadeCombinedPipeline):
+class StableCascadeSingleFilePipeline(LoraAdapters, StableCascadeCombinedPipeline):
     """Stable Cascade from single files (ComfyUI / Stability / kohya layouts) on our engine, for SD.Next."""
 
     _engine: CascadePipeline | None = None

@@ -529,15 +529,11 @@ def test_sdnext_incompatible_lora_is_an_error_at_generation(tiny_pipeline, tmp_p
 
 
 def test_mixin_composes_with_the_sdnext_pipeline_class(tiny_pipeline, tmp_path):
-    """The hook extension/pipeline.py needs: LoraAdapters first among StableCascadeSingleFilePipeline's bases.
-    Checked here on a subclass built that way (the real class's own `engine`, `preprocess` and diffusers bases)."""
-    from extension.lora import LoraAdapters
+    """The SD.Next pipeline class itself answers SD.Next's LoRA calls (LoraAdapters first among its bases, over its
+    own `engine`, `preprocess` and diffusers bases): weights merge on set_adapters and come back on unload."""
     from extension.pipeline import StableCascadeSingleFilePipeline
 
-    class Hooked(LoraAdapters, StableCascadeSingleFilePipeline):
-        pass
-
-    pipe = Hooked.from_engine(tiny_pipeline)
+    pipe = StableCascadeSingleFilePipeline.from_engine(tiny_pipeline)
     path = write_kohya(tmp_path / "s.safetensors", three_layers(tiny_pipeline, SCHEMES["kohya"]))
     before = snapshot(tiny_pipeline)
     pipe.load_lora_weights(str(path), adapter_name="s")
