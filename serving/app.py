@@ -34,7 +34,7 @@ from cascade.errors import CascadeError, InvalidRequestError
 from .config import ServeConfig
 from .errors import ServeError, error_body, message_for, status_for
 from .render import decode_image, sdnext_info
-from .worker import DISCONNECT, TIMEOUT, Job, Worker
+from .worker import DISCONNECT, RECENT_JOBS, TIMEOUT, Job, Worker
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +158,11 @@ def echo_parameters(body: Any) -> dict[str, Any]:
 
 
 # --- the app ------------------------------------------------------------------------------------------------------
-def create_app(config: ServeConfig, worker: Worker | None = None, *, start: bool = True) -> FastAPI:
-    """The app for one worker (a new, started one unless given). Closing the app stops the worker."""
+def create_app(config: ServeConfig, worker: Worker | None = None, *, start: bool = True, tasks=None) -> FastAPI:
+    """The app for one worker (a new, started one unless given). Closing the app stops the worker.
+
+    `tasks`: where replicas share their tasks (serving.ray_serve.SharedTasks), so /progress and /interrupt by id
+    work on whichever replica the proxy picks; None for a standalone server."""
     from contextlib import asynccontextmanager
 
     from cascade.api_fields import MODEL_OPTION, from_sdnext, option_key, options_to_fields
@@ -173,7 +176,10 @@ def create_app(config: ServeConfig, worker: Worker | None = None, *, start: bool
 
     @asynccontextmanager
     async def lifespan(app):
+        sharing = asyncio.create_task(share_tasks(worker, tasks)) if tasks is not None else None
         yield
+        if sharing is not None:
+            sharing.cancel()
         await run_in_threadpool(worker.stop)
 
     app = FastAPI(title="Stable Cascade (SD.Next API subset)", lifespan=lifespan)
@@ -263,6 +269,10 @@ def create_app(config: ServeConfig, worker: Worker | None = None, *, start: bool
     @app.get("/sdapi/v1/progress", dependencies=[auth])
     async def progress(id_task: str | None = None, skip_current_image: bool = False):
         job = worker.find(id_task)
+        if id_task is not None and job is None and tasks is not None:
+            shared = await tasks.progress(id_task)  # running on another replica
+            if shared is not None:
+                return shared
         if id_task is not None and job is None:
             raise ServeError(f"no task {id_task!r} (finished tasks are kept for a while only)", 404)
         if job is None:
@@ -270,26 +280,21 @@ def create_app(config: ServeConfig, worker: Worker | None = None, *, start: bool
                      "job_no": 0, "sampling_step": 0, "sampling_steps": 0, "queued": worker.queued()}
             return {"id": None, "progress": 0, "eta_relative": 0, "state": state, "current_image": None,
                     "textinfo": None}
-        fraction = job.progress()
-        elapsed = time.monotonic() - (job.started or time.monotonic())
-        eta = elapsed / fraction - elapsed if 0 < fraction < 1 else 0
         event = job.last_event
         image = None
         if event is not None and not skip_current_image and job.state == "running":
             image = await run_in_threadpool(_preview_b64, event)
-        stage = {"prior": "Stage C (prior)", "decoder": "Stage B (decoder)"}.get(job.stage or "", "")
-        textinfo = f"Stable Cascade {stage}: step {job.step}/{job.total}" if stage else job.state
-        state = {**job.sdnext_state(), "queued": worker.queued(), "status": job.state}
-        return {"id": job.id, "progress": round(fraction, 4), "eta_relative": round(eta, 2), "state": state,
-                "current_image": image, "textinfo": textinfo}
+        return progress_payload(job, worker.queued(), image)
 
     @app.post("/sdapi/v1/interrupt", dependencies=[auth], status_code=204)
     async def interrupt(request: Request, id_task: str | None = None):
         if id_task is None:
             body = await read_json(request)
             id_task = body.get("id_task") if isinstance(body, dict) else None
+        if id_task is not None and not isinstance(id_task, str):
+            raise InvalidRequestError("id_task must be a string (the task id of a request)")
         job = worker.stop_job(id_task)
-        if id_task is not None and job is None:
+        if id_task is not None and job is None and not (tasks is not None and await tasks.interrupt(id_task)):
             raise ServeError(f"no task {id_task!r} to interrupt", 404)
         return Response(status_code=204)
 
@@ -348,6 +353,43 @@ def create_app(config: ServeConfig, worker: Worker | None = None, *, start: bool
 
     _ = from_sdnext  # the mapping used by prepare_job (imported here so a missing cascade module fails at start)
     return _wrap(app, config)
+
+
+def progress_payload(job: Job, queued: int, image: str | None = None) -> dict[str, Any]:
+    """SD.Next's /progress answer for one job (modules/api/models.py ProgressResponse)."""
+    fraction = job.progress()
+    elapsed = time.monotonic() - (job.started or time.monotonic())
+    eta = elapsed / fraction - elapsed if 0 < fraction < 1 else 0
+    stage = {"prior": "Stage C (prior)", "decoder": "Stage B (decoder)"}.get(job.stage or "", "")
+    textinfo = f"Stable Cascade {stage}: step {job.step}/{job.total}" if stage else job.state
+    state = {**job.sdnext_state(), "queued": queued, "status": job.state}
+    return {"id": job.id, "progress": round(fraction, 4), "eta_relative": round(eta, 2), "state": state,
+            "current_image": image, "textinfo": textinfo}
+
+
+SHARE_S = 0.25  # how often a replica publishes its tasks' progress and picks up interrupts meant for it
+
+
+async def share_tasks(worker: Worker, tasks) -> None:
+    """Publish the progress of this worker's live tasks (and each finished one once) and stop the tasks another
+    replica was asked to interrupt. A failure of the shared store only costs cross-replica progress, so it is
+    logged and retried."""
+    final: set[str] = set()
+    while True:
+        await asyncio.sleep(SHARE_S)
+        try:
+            jobs = [j for j in worker.jobs() if j.id not in final]
+            final.update(j.id for j in jobs if j.state in ("done", "failed"))
+            if jobs:
+                await tasks.publish({j.id: progress_payload(j, worker.queued()) for j in jobs})
+            for task_id in await tasks.take_stops():
+                worker.stop_job(task_id)
+            if len(final) > 4 * RECENT_JOBS:
+                final = {j.id for j in worker.jobs()} & final
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the store is an optimisation, generation goes on without it
+            log.warning("sharing tasks with the other replicas failed", exc_info=True)
 
 
 def _wrap(app: FastAPI, config: ServeConfig) -> FastAPI:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cascade.errors import InvalidRequestError
+from cascade.errors import CascadeError, InvalidRequestError
 from cascade.session import PipelineSpec, resolve_paths
 
 from .config import ServeConfig
@@ -47,7 +47,11 @@ class ModelEntry:
 def _folder_pairs(root: str) -> tuple[Path, list[ModelEntry], list[str]]:
     # The pairing rules live in the extension's library module, which imports only cascade (no SD.Next).
     # TODO(lead): move extension/library.py to cascade/library.py; then import it from there.
-    from extension.library import scan_library
+    try:
+        from extension.library import scan_library
+    except ImportError:
+        raise CascadeError("--models-dir needs the repository checkout (its extension/library.py pairs the files); "
+                           "run from the repo, or serve one model with --prior/--decoder") from None
 
     lib = scan_library(root)
     return lib.root, [ModelEntry(p.name, p.prior, p.decoder, "folder") for p in lib.pairs], list(lib.problems)
@@ -63,6 +67,9 @@ class Catalog:
         self.default = ModelEntry(Path(prior).stem, Path(prior), Path(decoder), "tiny" if spec.is_tiny else "files")
         self.root: Path | None = None
         self.problems: list[str] = []
+        if config.models_dir and not Path(config.models_dir).expanduser().is_dir():
+            raise CascadeError(f"--models-dir {config.models_dir}: no such folder (it holds the Stage C 'main' and "
+                               "Stage B 'decoder' files of the models a request may pick by name)")
 
     def entries(self) -> list[ModelEntry]:
         out = [self.default]

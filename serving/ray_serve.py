@@ -11,8 +11,9 @@ answers 503 with Retry-After itself (plain text). Autoscaling (`--autoscale MIN:
 Serve adds a replica when the requests ongoing per replica stay above `target_ongoing_requests`.
 
 A replica that dies mid-request costs that request a 5xx from the proxy (never a hang); the controller starts a new
-one and the proxy routes to the others meanwhile. /progress and /interrupt reach one replica chosen by the proxy:
-with several replicas, a task is found (and interrupted by id) only on the replica running it — see the README.
+one and the proxy routes to the others meanwhile. /progress and /interrupt reach one replica chosen by the proxy,
+so the replicas publish their tasks' progress on a small named actor (TaskBoard) every 0.25 s and pick up the
+interrupts meant for them from it: a task is found by id on any replica. /metrics is the answering replica's.
 
 `python -m cascade serve --ray [--address auto] --replicas N` deploys it; `serve run serving/serve.yaml` does the
 same from the documented config (`build_app` reads the yaml's `args`).
@@ -46,17 +47,83 @@ def require_ray():
     return ray, serve
 
 
+class TaskBoard:
+    """Which replica has each task, and its latest progress: one small named actor per application, so /progress
+    and /interrupt by id work on whichever replica the proxy picks. Holds no images and no request bodies."""
+
+    KEEP_S = 900.0  # a finished task's progress is kept this long
+    MAX_TASKS = 4096
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, tuple[str, dict, float]] = {}  # id -> (replica, progress payload, time)
+        self.stops: dict[str, set[str]] = {}  # replica -> task ids to interrupt
+
+    def publish(self, replica: str, snapshots: dict) -> None:
+        import time
+
+        now = time.monotonic()
+        for task_id, payload in snapshots.items():
+            self.tasks[task_id] = (replica, payload, now)
+        if len(self.tasks) > self.MAX_TASKS:
+            for task_id in [t for t, (_, _, at) in self.tasks.items() if now - at > self.KEEP_S]:
+                del self.tasks[task_id]
+
+    def progress(self, task_id: str) -> dict | None:
+        entry = self.tasks.get(task_id)
+        return entry[1] if entry else None
+
+    def interrupt(self, task_id: str) -> bool:
+        entry = self.tasks.get(task_id)
+        if entry is None:
+            return False
+        self.stops.setdefault(entry[0], set()).add(task_id)
+        return True
+
+    def take_stops(self, replica: str) -> list[str]:
+        return sorted(self.stops.pop(replica, ()))
+
+
+class SharedTasks:
+    """The app's view of the TaskBoard from one replica (the interface serving.app.create_app takes as `tasks`)."""
+
+    def __init__(self, board, replica: str):
+        self.board, self.replica = board, replica
+
+    async def publish(self, snapshots: dict) -> None:
+        await self.board.publish.remote(self.replica, snapshots)
+
+    async def progress(self, task_id: str) -> dict | None:
+        return await self.board.progress.remote(task_id)
+
+    async def interrupt(self, task_id: str) -> bool:
+        return await self.board.interrupt.remote(task_id)
+
+    async def take_stops(self) -> list[str]:
+        return await self.board.take_stops.remote(self.replica)
+
+
+def task_board(app_name: str = APP_NAME):
+    """The application's TaskBoard actor, created by the first replica that asks (no CPU or GPU reserved)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(TaskBoard).options(name=f"{app_name}-tasks", namespace="cascade",
+                                                     get_if_exists=True, lifetime="detached").remote()
+
+
 def replica_app(config: ServeConfig):
-    """Built on each replica: its own worker and pipeline. Tagged with the replica id for /healthz."""
+    """Built on each replica: its own worker and pipeline, sharing its tasks on the TaskBoard. Tagged with the
+    replica id for /healthz."""
     from ray import serve
 
     from .app import create_app
 
     try:
-        tag = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        tag, app_name = context.replica_id.unique_id, context.app_name
     except Exception:  # noqa: BLE001 - outside a replica (a unit test calling the builder)
-        tag = "local"
-    return create_app(replace(config, tags={**config.tags, "replica": str(tag)}))
+        return create_app(replace(config, tags={**config.tags, "replica": "local"}))
+    tasks = SharedTasks(task_board(app_name), str(tag))
+    return create_app(replace(config, tags={**config.tags, "replica": str(tag)}), tasks=tasks)
 
 
 def deployment_options(config: ServeConfig, replicas: int | None, autoscale: tuple[int, int] | None,

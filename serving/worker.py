@@ -196,6 +196,11 @@ class Worker:
                 return self.running
             return self._recent.get(task_id)
 
+    def jobs(self) -> list[Job]:
+        """The queued, running and recently finished jobs."""
+        with self._cond:
+            return list(self._recent.values())
+
     def stop_job(self, task_id: str | None, reason: str = INTERRUPT) -> Job | None:
         """Stop one job: by id, or the running one (SD.Next's interrupt). A queued job is dropped at once."""
         with self._cond:

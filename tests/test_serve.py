@@ -416,6 +416,45 @@ def test_models_options_health_and_metrics(live):
     assert 'cascade_requests_total{endpoint="/sdapi/v1/txt2img",status="200"}' in text
 
 
+def test_models_are_picked_by_name_from_the_folder_only(session, tiny_pair):
+    """--models-dir: its pairs are listed by name (file names relative to the folder) and a request picks one by
+    name; the full path of that very file is refused as a model name."""
+    from serving.config import ServeConfig
+
+    prior, _ = tiny_pair
+    server, url, worker = _start(ServeConfig(device="cpu", models_dir=str(prior.parent)), session)
+    try:
+        status, _, models = call(url, "GET", "/sdapi/v1/sd-models")
+        assert status == 200 and models[0]["model_name"] == worker.catalog.default.name
+        (entry,) = [m for m in models[1:] if m["filename"] == prior.name]
+        status, _, body = txt2img(url, {"prompt": "a", "seed": 2, "sd_model_checkpoint": entry["title"], **SMALL})
+        assert status == 200, body
+        info = json.loads(body["info"])
+        assert info["model"] == entry["title"] and f"Model: {prior.stem}" in info["infotexts"][0]
+        status, _, body = txt2img(url, {"prompt": "a", "sd_model_checkpoint": str(prior), **SMALL})
+        assert status == 400 and "path" in body["detail"]
+    finally:
+        server.__exit__(None, None, None)
+
+
+def test_the_engine_and_the_extension_never_import_the_serving_packages():
+    """`python -m cascade` registers serve/batch (their flags come from serving.cli), yet neither the CLI parser,
+    the engine nor the SD.Next glue loads fastapi, uvicorn, ray or prometheus_client."""
+    code = ("import sys; from cascade.cli import build_parser; build_parser(); import cascade.session, "
+            "cascade.api_fields, extension.pipeline; print([m for m in ('fastapi', 'uvicorn', 'ray', "
+            "'prometheus_client', 'starlette') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
+def test_serve_command_refuses_a_missing_models_folder_in_one_line(serve_deps, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "cascade", "serve", "--models-dir", str(tmp_path / "nope"),
+                          "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "no such folder" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) <= 2  # the tiny notice + the error
+
+
 def test_serve_command_starts_and_answers(serve_deps, tmp_path):
     """`python -m serving serve` (what `python -m cascade serve` runs): says it uses the tiny model, answers."""
     from serving.server import free_port

@@ -105,6 +105,32 @@ def test_concurrent_requests_spread_over_both_replicas(deployment, replica_pids)
         np.testing.assert_array_equal(first, other)
 
 
+def test_progress_and_interrupt_by_id_reach_the_replica_running_the_task(deployment, replica_pids):
+    """The proxy sends a poll to the less busy replica, which is not the one generating: it answers from the
+    replicas' shared TaskBoard, and an interrupt by id sent anywhere stops the task on its own replica."""
+    url = deployment
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("far", txt2img(url, {**LONG, "force_task_id": "far"},
+                                                                             timeout=90)))
+    thread.start()
+
+    def progressed():
+        assert "far" not in result, result["far"][::2]  # it must still be running
+        status, _, answer = call(url, "GET", "/sdapi/v1/progress?id_task=far&skip_current_image=true")
+        return answer if status == 200 and answer["progress"] > 0 else None
+
+    seen = wait_until(progressed, 30, "progress of the task")
+    assert seen["id"] == "far" and seen["state"]["status"] == "running" and seen["state"]["sampling_step"] > 0
+    status, headers, _ = retrying(url, {"prompt": "probe", **SMALL})  # answered by the other replica
+    assert status == 200
+    assert call(url, "POST", "/sdapi/v1/interrupt?id_task=far")[0] == 204
+    thread.join(30)
+    assert not thread.is_alive(), "the interrupted request did not return"
+    status, _, body = result["far"]
+    assert status == 409 and body["error"] == "Interrupted", body
+    assert call(url, "POST", "/sdapi/v1/interrupt?id_task=nobody")[0] == 404
+
+
 def test_killing_a_replica_mid_request_fails_that_request_cleanly_and_recovers(deployment, replica_pids):
     url = deployment
     result = {}
