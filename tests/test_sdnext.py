@@ -263,17 +263,30 @@ def test_progress_moves_through_both_stages(sdnext):
     assert max(p for _, _, p, _ in seen) > 0.5
 
 
-def test_interrupt_stops_a_run(sdnext):
-    thread, result = _run_in_background(sdnext.client, **LONG)
-    _wait_for_step(sdnext.client, 5, total=240)
-    status, _ = sdnext.client.post("/sdapi/v1/interrupt")
+def _interrupt_at_step(client: Client, step: int, **fields) -> dict:
+    thread, result = _run_in_background(client, **LONG, **fields)
+    _wait_for_step(client, step, total=240)
+    status, _ = client.post("/sdapi/v1/interrupt")
     assert status == 204
     thread.join(120)
     assert not thread.is_alive()
-    assert result["status"] == 200 and result["body"]["images"] == []  # what finished: nothing (one batch)
-    _, progress = sdnext.client.get("/sdapi/v1/progress?skip_current_image=true")
+    _, progress = client.get("/sdapi/v1/progress?skip_current_image=true")
     assert progress["state"]["sampling_step"] < 240
+    return result
+
+
+def test_interrupt_stops_a_run(sdnext):
+    """Interrupt ends the run between steps. What comes back is SD.Next's choice (modules/processing.py
+    process_images_inner, on `state.interrupted`): with its "Save interrupted images" option (`keep_incomplete`,
+    default on) the last live preview (`state.current_image`, ours: the Stage C previewer's small image) replaces
+    the batch's samples; with it off, nothing comes back."""
+    result = _interrupt_at_step(sdnext.client, 5, keep_incomplete=False)
+    assert result["status"] == 200 and result["body"]["images"] == []  # what finished: nothing (one batch)
     TIMINGS["interrupt_return_s"] = result["seconds"]
+    result = _interrupt_at_step(sdnext.client, 5)
+    assert result["status"] == 200 and len(result["body"]["images"]) == 1
+    preview = _image(result["body"]["images"][0])
+    assert preview.size[0] < LONG["width"] and preview.size[0] == preview.size[1]  # the preview, not an image
 
 
 def test_skip_moves_on_to_the_next_batch(sdnext):
