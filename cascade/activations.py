@@ -143,3 +143,23 @@ def fit(samples: list[tuple[str, int, Shape, int]]) -> ActivationModel:
         solution = torch.linalg.lstsq(a / scale, b).solution.squeeze(1) / scale
         coefficients[key] = [float(v) for v in solution]
     return ActivationModel(coefficients)
+
+
+# --- Stage A strip geometry: how much of an image Stage A decodes at once (pipeline.decode_in_strips decodes it;
+# the planner sizes Stage A's activations by it) ---------------------------------------------------------------
+STAGE_A_STRIP_PIXELS = 256 * 128  # latent pixels Stage A decodes at once (~ a 1024x512 image)
+
+
+def stage_a_strips(height: int, width: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """Latent row ranges (read_lo, read_hi, keep_lo, keep_hi) covering `height` rows in strips of about
+    STAGE_A_STRIP_PIXELS, each read with `overlap` rows of context that are decoded and then cut away."""
+    rows = max(1, STAGE_A_STRIP_PIXELS // width)
+    if height <= rows + overlap:
+        return [(0, height, 0, height)]
+    return [(max(0, lo - overlap), min(height, lo + rows + overlap), lo, min(height, lo + rows)) for lo in range(0, height, rows)]
+
+
+def stage_a_working_height(width: int, height: int, overlap: int = 16) -> int:
+    """Image height Stage A decodes at once for a width x height image (the memory planner's activation input)."""
+    strips = stage_a_strips(height // 4, width // 4, overlap)
+    return 4 * max(hi - lo for lo, hi, _, _ in strips)

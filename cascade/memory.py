@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .activations import Shape, default_model
+from .activations import Shape, default_model, stage_a_working_height
 from .errors import CascadeError, InvalidRequestError
 from .names import COMPONENTS
 
@@ -207,8 +207,6 @@ def _activations(sizes: ComponentSizes, shape: Shape) -> dict[str, int]:
     act = {}
     for phase in PHASES:
         if phase == "vqgan":  # Stage A decodes one image at a time, in strips (pipeline.decode_in_strips)
-            from .pipeline import stage_a_working_height
-
             work = Shape(shape.width, stage_a_working_height(shape.width, shape.height))
         else:
             work = shape

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import sampling
+from .activations import stage_a_strips
 from .errors import CascadeError, GenerationInterrupted
 from .image_inputs import PriorImageInputs
 from .request import GenerationRequest, StageSettings, validate
@@ -537,28 +538,10 @@ class CascadePipeline:
         return GenerationResult(images, request.seeds, request, dtypes, timings, warnings)
 
 
-STAGE_A_STRIP_PIXELS = 256 * 128  # latent pixels Stage A decodes at once (~ a 1024x512 image)
-
-
 def stage_a_overlap(config) -> int:
     """Latent rows of context a strip needs on each side: Stage A's decoder sees one more row per residual block
     (depthwise 3x3) at latent resolution, plus the transposed convolution and the last block at 2x; rounded up."""
     return int(config.bottleneck_blocks) + 4
-
-
-def stage_a_strips(height: int, width: int, overlap: int) -> list[tuple[int, int, int, int]]:
-    """Latent row ranges (read_lo, read_hi, keep_lo, keep_hi) covering `height` rows in strips of about
-    STAGE_A_STRIP_PIXELS, each read with `overlap` rows of context that are decoded and then cut away."""
-    rows = max(1, STAGE_A_STRIP_PIXELS // width)
-    if height <= rows + overlap:
-        return [(0, height, 0, height)]
-    return [(max(0, lo - overlap), min(height, lo + rows + overlap), lo, min(height, lo + rows)) for lo in range(0, height, rows)]
-
-
-def stage_a_working_height(width: int, height: int, overlap: int = 16) -> int:
-    """Image height Stage A decodes at once for a width x height image (the memory planner's activation input)."""
-    strips = stage_a_strips(height // 4, width // 4, overlap)
-    return 4 * max(hi - lo for lo, hi, _, _ in strips)
 
 
 def decode_in_strips(stage_a: nn.Module, latent: torch.Tensor, overlap: int) -> torch.Tensor:

@@ -195,6 +195,7 @@ def test_stage_a_decodes_scale_times_the_latent(tiny_pipeline):
 
 def test_stage_a_strip_decode_is_exact():
     """Decoding in strips gives the single-decode pixels (real Stage A depth, narrow width), and the overlap matters."""
+    import cascade.activations as activations
     import cascade.pipeline as pipeline
     from cascade import configs
     from cascade.models import PaellaVQModel
@@ -207,15 +208,15 @@ def test_stage_a_strip_decode_is_exact():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
         latent = torch.randn(1, 4, 100, 40, generator=gen)
         whole = stage_a.decode(latent, return_dict=False)[0]
-        strips = pipeline.stage_a_strips(100, 40, 16)
+        strips = activations.stage_a_strips(100, 40, 16)
         assert len(strips) == 1  # small images decode in one go
-        original = pipeline.STAGE_A_STRIP_PIXELS
-        pipeline.STAGE_A_STRIP_PIXELS = 12 * 40  # force 9 strips of 12 rows
+        original = activations.STAGE_A_STRIP_PIXELS
+        activations.STAGE_A_STRIP_PIXELS = 12 * 40  # force 9 strips of 12 rows
         try:
             tiled = pipeline.decode_in_strips(stage_a, latent, pipeline.stage_a_overlap(stage_a.config))
             too_little_context = pipeline.decode_in_strips(stage_a, latent, 2)
         finally:
-            pipeline.STAGE_A_STRIP_PIXELS = original
+            activations.STAGE_A_STRIP_PIXELS = original
     assert tiled.shape == whole.shape
     assert (tiled - whole).abs().max() < 1e-5
     assert (too_little_context - whole).abs().max() > 1e-3
