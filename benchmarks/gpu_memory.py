@@ -627,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     from cascade_backends import select_backend
     from cascade.engine import choose_dtypes
     from cascade.loader import resolve_sources
-    from cascade.memory import ComponentSizes, parse_size
+    from cascade.memory import parse_size
+    from cascade.sizing import sizes_from_sources
 
     from benchmarks._fullsize import ensure_comfyui_pair
 
