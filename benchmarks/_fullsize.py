@@ -69,7 +69,7 @@ def _float(dtype: torch.dtype, weights: torch.dtype) -> torch.dtype:
 
 
 def unet_layout(kind: str, config: dict, weights: torch.dtype) -> dict[str, Spec]:
-    from cascade.keymaps import unet_keys_for_layout
+    from cascade.tiny import unet_keys_for_layout
 
     state = _model_state(kind, config)
     layout = {}

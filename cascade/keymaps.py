@@ -89,32 +89,3 @@ def stage_a_keymap(keys: Iterable[str], prefix: str) -> KeyMap:
 
 
 # Inverse maps, used by `cascade.tiny` to write test files in every real layout.
-
-
-def unet_keys_for_layout(model_keys: Iterable[str], layout: str, stage: str) -> dict[str, list[tuple[str, int | None]]]:
-    """file key -> [(model key, chunk)] for writing a diffusers-named UNet state dict in `layout`.
-
-    layout: 'diffusers' (as is), 'comfyui' (split attn under `attention.attn.`), 'stability' (stacked in_proj).
-    """
-    out: dict[str, list[tuple[str, int | None]]] = {}
-    for name in model_keys:
-        file_name = name
-        if layout in ("comfyui", "stability"):
-            if stage == "decoder" and name.startswith("clip_txt_pooled_mapper."):
-                file_name = "clip_mapper." + name[len("clip_txt_pooled_mapper.") :]
-            file_name = file_name.replace(".attention.to_out.0.", ".attention.attn.out_proj.")
-            for i, qkv in enumerate(_QKV):
-                marker = f".attention.{qkv}."
-                if marker in file_name:
-                    if layout == "stability":
-                        head, kind = file_name.split(marker)
-                        out.setdefault(f"{head}.attention.attn.in_proj_{kind}", []).append((name, i))
-                        file_name = None
-                    else:
-                        file_name = file_name.replace(marker, f".attention.attn.{qkv}.")
-                    break
-        if file_name is not None:
-            out.setdefault(file_name, []).append((name, None))
-    for parts in out.values():
-        parts.sort(key=lambda p: -1 if p[1] is None else p[1])
-    return out

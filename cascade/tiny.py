@@ -6,6 +6,9 @@ written in the layouts people actually download: ComfyUI all-in-one Stage C and 
 files, kohya/OneTrainer text-encoder side files, a bare stage_a.safetensors, and diffusers folders. The tiny
 widths match no official variant, so each file carries its configs in the safetensors metadata
 (`cascade.config.<part>`), which `cascade.checkpoints` reads only when the shapes are unknown.
+
+This module is the project's fixtures: the writers and the inverse key maps (`unet_keys_for_layout`, model names ->
+a layout's file names) exist for the tests, benchmarks and the demo only; loading real files never uses them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass
+from typing import Iterable
 from pathlib import Path
 
 import torch
@@ -20,7 +24,6 @@ from torch import nn
 
 from . import configs
 from .checkpoints import CLIP_VISION, DECODER, EFFNET, METADATA_CONFIG, PREVIEWER, PRIOR, STAGE_A, TEXT_ENCODER
-from .keymaps import unet_keys_for_layout
 from .tensorfile import write_safetensors
 
 FORMAT_VERSION = "2"  # bump when the tiny configs or layouts change, so caches are rebuilt
@@ -335,3 +338,36 @@ def ensure_tiny_checkpoints(folder: Path | None = None, seed: int = 0) -> tuple[
             write_comfyui_stage_c(prior, models)
             write_comfyui_stage_b(decoder, models)
     return prior, decoder
+
+
+# --- the inverse key maps (our model names -> each layout's file names), for writing test files ----------------
+QKV = ("to_q", "to_k", "to_v")
+
+
+def unet_keys_for_layout(model_keys: Iterable[str], layout: str, stage: str) -> dict[str, list[tuple[str, int | None]]]:
+    """file key -> [(model key, chunk)] for writing a diffusers-named UNet state dict in `layout`.
+
+    layout: 'diffusers' (as is), 'comfyui' (split attn under `attention.attn.`), 'stability' (stacked in_proj).
+    """
+    out: dict[str, list[tuple[str, int | None]]] = {}
+    for name in model_keys:
+        file_name = name
+        if layout in ("comfyui", "stability"):
+            if stage == "decoder" and name.startswith("clip_txt_pooled_mapper."):
+                file_name = "clip_mapper." + name[len("clip_txt_pooled_mapper.") :]
+            file_name = file_name.replace(".attention.to_out.0.", ".attention.attn.out_proj.")
+            for i, qkv in enumerate(QKV):
+                marker = f".attention.{qkv}."
+                if marker in file_name:
+                    if layout == "stability":
+                        head, kind = file_name.split(marker)
+                        out.setdefault(f"{head}.attention.attn.in_proj_{kind}", []).append((name, i))
+                        file_name = None
+                    else:
+                        file_name = file_name.replace(marker, f".attention.attn.{qkv}.")
+                    break
+        if file_name is not None:
+            out.setdefault(file_name, []).append((name, None))
+    for parts in out.values():
+        parts.sort(key=lambda p: -1 if p[1] is None else p[1])
+    return out

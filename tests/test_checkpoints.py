@@ -29,7 +29,7 @@ from cascade.errors import (
     PickleRefusedError,
     WrongStageError,
 )
-from cascade.keymaps import unet_keys_for_layout
+from cascade.tiny import unet_keys_for_layout
 from cascade.loader import instantiate, resolve_sources
 from cascade.tensorfile import ITEMSIZE, SafetensorsHeader, TensorInfo, read_header, write_safetensors
 
