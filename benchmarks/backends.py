@@ -266,7 +266,7 @@ def worker_measure(args) -> dict:
     ov_config = _settle_ov_config(setting, cores)
     cache = Path(args.cache_dir)
     model = _build_model(torch.float32)
-    ovm = compile_module(model, device="CPU", cache_dir=cache, stage="decoder", config=ov_config)
+    ovm = compile_module(model, device="CPU", cache_dir=cache, precision="f32", config=ov_config)
     bf16_model = _build_model(torch.bfloat16) if args.bf16 else None
     sigma = torch.tensor([SIGMA])
     out: dict = {"setting": args.setting, "torch_threads": torch.get_num_threads(),
@@ -399,7 +399,7 @@ def worker_cached(args) -> dict:
     if setting["torch_threads"] is not None:
         torch.set_num_threads(_resolve(setting["torch_threads"], cores))
     model = _build_model(torch.float32)
-    ovm = compile_module(model, device="CPU", cache_dir=Path(args.cache_dir), stage="decoder",
+    ovm = compile_module(model, device="CPU", cache_dir=Path(args.cache_dir), precision="f32",
                          config=_settle_ov_config(setting, cores))
     sigma = torch.tensor([SIGMA])
     out = {"setting": args.setting, "batches": {}}
