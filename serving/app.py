@@ -38,7 +38,7 @@ from .worker import DISCONNECT, RECENT_JOBS, TIMEOUT, Job, Worker
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.05  # how often a waiting request checks its job and its client
+POLL_S = 0.05  # how often a waiting request checks its client and its deadline (its answer comes at once)
 GENERATION_PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 
 
@@ -220,9 +220,10 @@ def create_app(config: ServeConfig, worker: Worker | None = None, *, start: bool
 
     async def wait_for(job: Job, request: Request):
         """The job's output; stops the job when the client goes away or its deadline passes while it waits."""
+        done = asyncio.wrap_future(job.future)  # resolved from the worker thread: no polling delay on the answer
         try:
             while not job.future.done():
-                await asyncio.sleep(POLL_S)
+                await asyncio.wait({done}, timeout=POLL_S)
                 if job.future.done():
                     break
                 if await request.is_disconnected():
@@ -233,7 +234,10 @@ def create_app(config: ServeConfig, worker: Worker | None = None, *, start: bool
         except asyncio.CancelledError:  # the server (or Ray's proxy) cancelled the request: the client is gone
             worker.stop_job(job.id, DISCONNECT)
             raise
-        return job.future.result()
+        finally:
+            if not done.done():  # left early: the job's later error is nobody's to read, not "never retrieved"
+                done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return await done
 
     async def generate(request: Request, kind: str) -> JSONResponse:
         endpoint = f"/sdapi/v1/{kind}"

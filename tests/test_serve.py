@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from cascade.api_fields import from_sdnext
-from cascade.errors import InvalidRequestError
+from cascade.errors import CascadeError, InvalidRequestError
 from cascade.infotext import parse_infotext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -453,6 +453,83 @@ def test_serve_command_refuses_a_missing_models_folder_in_one_line(serve_deps, t
                           "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "no such folder" in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) <= 2  # the tiny notice + the error
+
+
+class FakeTasks:
+    """What serving.ray_serve.SharedTasks does over the TaskBoard actor, in memory: another replica's task is
+    "elsewhere"."""
+
+    def __init__(self):
+        self.published, self.stops = {}, []
+
+    async def publish(self, snapshots):
+        self.published.update(snapshots)
+
+    async def progress(self, task_id):
+        return {"id": "elsewhere", "progress": 0.5} if task_id == "elsewhere" else self.published.get(task_id)
+
+    async def interrupt(self, task_id):
+        return task_id == "elsewhere"
+
+    async def take_stops(self):
+        out, self.stops = self.stops, []
+        return out
+
+
+def test_tasks_are_shared_between_replicas(session):
+    """A replica publishes its tasks' progress, answers for a task running elsewhere, forwards an interrupt by id
+    it does not hold, and stops its own task when another replica was asked to."""
+    from serving.app import create_app
+    from serving.config import ServeConfig
+    from serving.server import BackgroundServer
+    from serving.worker import Worker
+
+    config = ServeConfig(device="cpu", queue_size=1, timeout_s=60)
+    worker, tasks = Worker(config, session=session), FakeTasks()
+    with BackgroundServer(create_app(config, worker, tasks=tasks)) as url:
+        status, _, answer = call(url, "GET", "/sdapi/v1/progress?id_task=elsewhere")
+        assert status == 200 and answer == {"id": "elsewhere", "progress": 0.5}
+        assert call(url, "POST", "/sdapi/v1/interrupt?id_task=elsewhere")[0] == 204
+        assert call(url, "POST", "/sdapi/v1/interrupt?id_task=nobody")[0] == 404
+        mine = Background(url, {**LONG, "force_task_id": "mine"})
+        wait_until(lambda: tasks.published.get("mine", {}).get("progress", 0) > 0, 20, "published progress")
+        assert tasks.published["mine"]["state"]["status"] == "running"
+        tasks.stops.append("mine")  # an interrupt by id that reached another replica
+        status, _, body = mine.join()
+        assert status == 409 and body["error"] == "Interrupted"
+        wait_until(lambda: tasks.published["mine"]["state"]["status"] == "failed", 10, "the final state published")
+
+
+def test_ray_deployment_options_and_the_documented_serve_yaml():
+    """One GPU per replica where the cluster has GPUs, else one CPU; the queue bound plus control slots; autoscaling
+    on MIN:MAX; and serving/serve.yaml's `args` are ServeConfig fields (what `serve run` hands build_app)."""
+    import dataclasses
+
+    import yaml
+
+    from serving.config import ServeConfig
+    from serving.ray_serve import CONTROL_SLOTS, deployment_options, parse_autoscale
+
+    config = ServeConfig(queue_size=3)
+    gpu = deployment_options(config, 4, None, gpus=8)
+    assert gpu["ray_actor_options"] == {"num_gpus": 1} and gpu["num_replicas"] == 4
+    assert gpu["max_ongoing_requests"] == 3 + 1 + CONTROL_SLOTS
+    assert gpu["backpressure_config"]["status_code"] == 503 and gpu["backpressure_config"]["retry_after_s"] >= 1
+    cpu = deployment_options(config, None, parse_autoscale("1:4"), gpus=0)
+    assert cpu["ray_actor_options"] == {"num_cpus": 1} and "num_replicas" not in cpu
+    assert (cpu["autoscaling_config"]["min_replicas"], cpu["autoscaling_config"]["max_replicas"]) == (1, 4)
+    for bad in ("4", "3:1", "a:b", "0:0"):
+        with pytest.raises(CascadeError, match="MIN:MAX"):
+            parse_autoscale(bad)
+
+    doc = yaml.safe_load((ROOT / "serving" / "serve.yaml").read_text())
+    (app,) = doc["applications"]
+    module, _, attr = app["import_path"].partition(":")
+    assert callable(getattr(__import__(module, fromlist=[attr]), attr))
+    args = {k: v for k, v in app["args"].items() if k not in ("replicas", "autoscale")}
+    assert set(args) <= {f.name for f in dataclasses.fields(ServeConfig)}
+    ServeConfig(**args)
+    assert doc["http_options"]["host"] == "127.0.0.1"  # loopback unless the operator changes it
 
 
 def test_serve_command_starts_and_answers(serve_deps, tmp_path):
