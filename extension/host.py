@@ -112,6 +112,7 @@ class SdnextHost(PipelineHost):
             decoder_sampler=decoder.sampler, decoder_scheduler=decoder.scheduler, decoder_shift=decoder.shift,
             decoder_guidance_scale=decoder.cfg, compression=settings.compression, stage_a_scale=settings.stage_a_scale,
         )
+        args["cascade_fields"] = {**(args.get("cascade_fields") or {}), "noise": settings.noise}
         p.cfg_scale = prior.cfg  # the response's info reports the CFG used, not the UI's -1
         if getattr(p, "seeds", None):
             args["seeds"] = params.resolve_seeds(p.seeds)
@@ -127,6 +128,7 @@ class SdnextHost(PipelineHost):
         args.setdefault("prompt", list(p.prompts))
         args.setdefault("negative_prompt", list(p.negative_prompts))
         p.extra_generation_params.update(params.infotext_fields(prior, decoder, settings, self.decoder_name))
+        p.extra_generation_params["Noise"] = settings.noise  # as the CLI writes it (`--from` reads it back)
 
     # --- progress and stopping ----------------------------------------------------------------------------------
     def begin(self, total_steps: int) -> None:

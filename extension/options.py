@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cascade.names import SAMPLER_TITLES, SCHEDULER_TITLES
+from cascade.request import NOISE_MODES
 
 from .library import AUTOMATIC
 from .params import OPTION_KEYS, CascadeSettings
@@ -79,6 +80,9 @@ def register(decoder_choices: Callable[[], list[str]], rescan: Callable[[], None
             gr.Slider, {"minimum": 16, "maximum": 128, "step": 1}),
         OPTION_KEYS["stage_a_scale"]: shared.OptionInfo(
             defaults.stage_a_scale, "Stage A latent scale (0.43 as trained)", gr.Number, {}),
+        OPTION_KEYS["noise"]: shared.OptionInfo(
+            defaults.noise, "Noise: cpu (image i = seed + i on any device) or comfyui (the same image as ComfyUI)",
+            gr.Radio, {"choices": list(NOISE_MODES)}),
     }
     for key, info in shared.options_section(SECTION, opts).items():
         shared.opts.add_option(key, info)

@@ -32,6 +32,9 @@ class CascadeSettings:
     decoder_shift: float = default_decoder().shift
     compression: float = 42.0
     stage_a_scale: float = STAGE_A_SCALE
+    # "cpu": image i of a batch uses seed + i on any device (A1111/SD.Next users' convention, and what SD.Next's own
+    # pipelines do); "comfyui": ComfyUI's KSampler noise, for the same image as a ComfyUI render (README).
+    noise: str = "cpu"
 
 
 # Setting name -> SD.Next option key (Settings > Stable Cascade; also `override_settings` and `extra` keys).

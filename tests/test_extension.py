@@ -681,3 +681,23 @@ def test_live_previews_follow_the_refresh_period(fake_modules, tiny_pipeline):
     assert len(state.previews) == 2  # steps 1 and 4 of 5 (0, 0.6 s)
     state = _preview_run(fake_modules, tiny_pipeline, show_progress_type="TAESD", live_preview_refresh_period=10**9)
     assert len(state.previews) == 1  # the first step only
+
+
+def test_noise_setting_reaches_the_request_and_the_infotext(tiny_pipeline, fake_modules):
+    """Settings > Stable Cascade "Noise" (cascade_noise; per request as an `extra` / override value): comfyui gives
+    ComfyUI's noise stream, the same image as the engine's own comfyui mode, and the infotext says which."""
+    from cascade.request import build_request
+    from extension.host import SdnextHost
+
+    results = {}
+    for mode in ("cpu", "comfyui"):
+        p = _fake_p(cascade_noise=mode)
+        args = {"prior_num_inference_steps": 3, "num_inference_steps": 2, "output_type": "pt"}
+        pipe = StableCascadeSingleFilePipeline.from_engine(tiny_pipeline, host=SdnextHost("d.safetensors"))
+        pipe.preprocess(p, args)
+        assert p.extra_generation_params["Noise"] == mode
+        results[mode] = pipe(**{**args, "width": 128, "height": 128}).images
+    engine = tiny_pipeline.generate(build_request(prompt="a fox", width=128, height=128, seed=11, prior_steps=3,
+                                                  decoder_steps=2, prior_cfg=4.0, noise="comfyui")).images
+    torch.testing.assert_close(results["comfyui"], engine)
+    assert not torch.allclose(results["cpu"], results["comfyui"])
