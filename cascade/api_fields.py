@@ -75,7 +75,7 @@ HOST_FIELDS = ("n_iter", "send_images", "sd_model_checkpoint", "override_setting
 # could be taken for a file path, and no path from a request is ever opened).
 IMAGE_FIELDS = ("image", "decoder_image", "image_prompts")
 # Flat fields that hold file paths (LoRA files): never from a request body, for the same reason.
-PATH_FIELDS = ("loras",)
+PATH_FIELDS = ("loras", "controlnets")
 MODEL_OPTION = "sd_model_checkpoint"
 
 

@@ -27,6 +27,7 @@ from .tensorfile import SafetensorsHeader, parse_strict_json, printable, read_he
 
 PRIOR, DECODER, TEXT_ENCODER, STAGE_A = "prior", "decoder", "text_encoder", "stage_a"
 EFFNET, PREVIEWER, CLIP_VISION = "effnet", "previewer", "clip_vision"
+CONTROLNET = "controlnet"  # Stability's Stage C ControlNets (cascade.controlnet)
 
 ROLE_OF_PART = {PRIOR: "stage_c", DECODER: "stage_b"}
 ROLE_TITLES = {
@@ -38,6 +39,7 @@ ROLE_TITLES = {
     "previewer": "Stage C previewer",
     "clip_vision": "CLIP-L vision encoder",
     "stage_c_extras": "Stage C extras (encoder/previewer)",
+    "controlnet": "Stage C ControlNet",
 }
 PART_TITLES = {
     PRIOR: "Stage C UNet",
@@ -47,6 +49,7 @@ PART_TITLES = {
     EFFNET: "Stage C EfficientNet encoder",
     PREVIEWER: "Stage C previewer",
     CLIP_VISION: "CLIP-L vision encoder",
+    CONTROLNET: "Stage C ControlNet",
 }
 
 _COMFY_UNET = "model.diffusion_model."
@@ -252,6 +255,8 @@ def _split_header(header: SafetensorsHeader) -> tuple[list[Part], list[str]]:
         elif _is_stage_a(keyset, ""):
             layout = "diffusers" if "vquantizer.embedding.weight" in keyset else "stability"
             claim(STAGE_A, layout, "", bare)
+        elif "projections.0.0.weight" in keyset and ("backbone.0.0.weight" in keyset or "backbone.0.weight" in keyset):
+            claim(CONTROLNET, "stability", "", bare)  # ComfyUI load_t2i_adapter's marker keys
         elif any(k.startswith("backbone.") for k in bare) and "mapper.0.weight" in keyset:
             claim(EFFNET, "stability", "", bare)
         elif all(k.startswith("blocks.") for k in bare):
@@ -273,6 +278,11 @@ def looks_like(keys: set[str]) -> str:
 
     if has("lora_up", "lora_down", "lora_A.", "lora_B.", ".hada_w1", ".lokr_"):
         return "a LoRA/LyCORIS network"
+    if has("zero_convs.0.0.weight", "controlnet_cond_embedding.conv_in.weight", "input_hint_block.0.weight"):
+        xl = has("label_emb.", "add_embedding.linear_1.weight")
+        return f"a ControlNet for {'SDXL' if xl else 'Stable Diffusion 1.x/2.x'}"
+    if any_prefix("body.0.") or any_prefix("adapter.body.") or "conv_in.weight" in keys and has("body.0.block2."):
+        return "a T2I-Adapter for Stable Diffusion"
     if has("double_blocks.0.img_attn"):
         return "a FLUX model"
     if has("joint_blocks.0."):
@@ -308,6 +318,8 @@ def _role(parts: dict[str, Part]) -> str | None:
         return "stage_c_extras"
     if CLIP_VISION in parts:
         return "clip_vision"
+    if CONTROLNET in parts:
+        return "controlnet"
     return None
 
 

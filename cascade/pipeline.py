@@ -125,23 +125,32 @@ def cfg_denoiser(
     uncond: dict[str, torch.Tensor] | None,
     cfg: float,
     rescale: float = 0.0,
+    control: Callable[[float], list | None] | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """denoiser(x, sigma) -> x0 in fp32: ComfyUI's EPS model call plus CFG (reference §4.4, §3.5).
 
     The sampler state x is in VE space; the model sees x / sqrt(sigma^2 + 1) in its own dtype and the unshifted
     timestep ratio r in fp32. Cond and uncond run as one batch when their shapes match, else as two calls; at
-    CFG 1.0 (or without uncond) only the conditional pass runs.
+    CFG 1.0 (or without uncond) only the conditional pass runs. `control(sigma)` gives the ControlNet residuals
+    for the step (cascade.controlnet.ControlSchedule), added in both passes as ComfyUI's ControlNetApplyAdvanced does.
     """
     dtype = next(unet.parameters()).dtype
     use_cfg = uncond is not None and cfg != 1.0
     batched = use_cfg and all(cond[k].shape == uncond[k].shape for k in cond)
     both = {k: torch.cat([cond[k], uncond[k]]) for k in cond} if batched else None
 
+    residuals: list = [None]
+
     def eps_of(x_in: torch.Tensor, r: torch.Tensor, kwargs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if residuals[0] is not None:
+            from .controlnet import expand
+
+            kwargs = {**kwargs, "control": expand(residuals[0], x_in.shape[0])}
         return unet(x_in, r, **kwargs, return_dict=False)[0].float()
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = sigma.float().reshape(-1)[:1].to(x.device)
+        residuals[0] = control(float(sigma)) if control is not None else None
         x_in = (x / torch.sqrt(sigma**2 + 1)).to(dtype)
         r = sampling.timestep_from_sigma(sigma).to(x.device).float().expand(x.shape[0])
         if not use_cfg:
@@ -207,6 +216,10 @@ class CascadePipeline:
             self.side.require(EFFNET)
         if request.image_prompts and request.image_prompt_strength != 0:
             self.side.require(CLIP_VISION)
+        if request.controlnets:
+            from .controlnet import require_parts
+
+            require_parts(self, request)  # headers: each file a Stage C ControlNet fitting this prior
 
     @torch.inference_mode()
     def encode_image_inputs(self, request: GenerationRequest) -> PriorImageInputs:
@@ -411,7 +424,12 @@ class CascadePipeline:
             matched = match_sequence_lengths(cond_kw["clip_text"], uncond_kw["clip_text"])
             if matched is not None:
                 cond_kw["clip_text"], uncond_kw["clip_text"] = matched
-        denoiser = cfg_denoiser(self.prior, cond_kw, uncond_kw, request.prior.cfg, request.cfg_rescale)
+        control = None
+        if request.controlnets:
+            from .controlnet import schedule_for
+
+            control = schedule_for(self, request)
+        denoiser = cfg_denoiser(self.prior, cond_kw, uncond_kw, request.prior.cfg, request.cfg_rescale, control)
         init = images.init if images is not None else None
         if request.preview_every <= 0 or callback is None:
             return self._sample_stage("prior", denoiser, request.prior, shape, request.seeds, callback, interrupt, init,

@@ -87,10 +87,13 @@ class GenerationRequest:
     noise: str = "cpu"
     prompt_syntax: str = "a1111"  # prompt-weight syntax, cascade.prompts.SYNTAXES: "a1111" (SD.Next) or "comfyui"
     loras: tuple = ()  # (path, unet weight, text-encoder weight or None = unet weight) per LoRA (cascade.lora_apply)
+    controlnets: tuple = ()  # (path, image, strength, start, end[, mask]) per Stage C ControlNet (cascade.controlnet)
 
     def __post_init__(self) -> None:
         if not isinstance(self.loras, tuple):
             object.__setattr__(self, "loras", tuple(self.loras or ()))
+        if not isinstance(self.controlnets, tuple):
+            object.__setattr__(self, "controlnets", tuple(self.controlnets or ()))
         prompts = self.image_prompts
         if prompts is None:
             object.__setattr__(self, "image_prompts", ())
@@ -186,6 +189,10 @@ def validate(request: GenerationRequest) -> None:
     problems += _image_problems(request)
     problems += _reproduction_problems(request)
     problems += _lora_problems(request)
+    if request.controlnets:
+        from .controlnet import entry_problems
+
+        problems += entry_problems(request.controlnets)
     if problems:
         raise InvalidRequestError("Invalid request: " + "; ".join(problems) + ".")
 

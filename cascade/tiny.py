@@ -371,3 +371,55 @@ def unet_keys_for_layout(model_keys: Iterable[str], layout: str, stage: str) -> 
     for parts in out.values():
         parts.sort(key=lambda p: -1 if p[1] is None else p[1])
     return out
+
+
+# --- tiny Stage C ControlNets (cascade.controlnet), Stability's key layout at a few channels -------------------
+# proj_blocks index the tiny prior's 6 ResBlock calls (down 0 | 1 2, up 3 4 | 5): both paths, both levels.
+TINY_CONTROLNET_BASE = {"c_proj": TINY_PRIOR["block_out_channels"][0], "proj_blocks": [0, 2, 3, 5]}
+TINY_CONTROLNETS = {
+    "canny": {**TINY_CONTROLNET_BASE, "backbone": "effnet", "c_in": 1, "embed": TINY_EFFNET["last_channel"],
+              "effnet": TINY_EFFNET},
+    "inpainting": {**TINY_CONTROLNET_BASE, "backbone": "effnet", "c_in": 4, "embed": TINY_EFFNET["last_channel"],
+                   "effnet": TINY_EFFNET},
+    "super-resolution": {**TINY_CONTROLNET_BASE, "backbone": "large", "c_in": 16, "embed": 16, "hidden": 32,
+                         "width": 8, "res_blocks": 8},
+}
+
+
+def build_tiny_controlnet(kind: str, seed: int = 0) -> nn.Module:
+    """A tiny ControlNet of `kind` (canny, inpainting, super-resolution) with seeded weights, in eval mode."""
+    from .models.controlnet import StageCControlNet
+
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed + 2000)
+    try:
+        config = TINY_CONTROLNETS[kind]
+        model = StageCControlNet(config)
+        norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        if norms:  # as build_tiny_side_models: BatchNorm statistics of smooth random hints, not of nothing
+            gen = torch.Generator().manual_seed(seed)
+            hints = torch.nn.functional.interpolate(torch.rand(8, config["c_in"], 6, 6, generator=gen),
+                                                    size=(128, 128), mode="bicubic", align_corners=False).clamp(0, 1)
+            for norm in norms:
+                norm.reset_running_stats()
+                norm.momentum = None
+            model.train()
+            with torch.no_grad():
+                model(hints)
+            for norm in norms:
+                norm.momentum = 0.1
+        model.eval().requires_grad_(False)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return model
+
+
+def write_tiny_controlnet(path: Path, kind: str, seed: int = 0, *, dtype=torch.float32) -> Path:
+    """A tiny ControlNet file as Stability publishes them (bare `backbone.*`/`projections.*` keys), config in the
+    metadata (`cascade.config.controlnet`)."""
+    state = build_tiny_controlnet(kind, seed).state_dict()
+    tensors = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in state.items()}
+    meta = {"cascade.tiny": "random weights, for tests and demos", "cascade.tiny.version": FORMAT_VERSION,
+            METADATA_CONFIG + "controlnet": json.dumps(TINY_CONTROLNETS[kind])}
+    write_safetensors(path, tensors, meta)
+    return path
