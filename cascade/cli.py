@@ -170,6 +170,10 @@ def _add_generate(sub) -> None:
     g.add_argument("--lora", dest="loras", action="append", default=[], type=_lora_arg,
                    metavar="FILE[:WEIGHT[:TE_WEIGHT]]",
                    help="a LoRA (repeatable); WEIGHT default 1, TE_WEIGHT default WEIGHT (README: LoRA)")
+    g.add_argument("--controlnet", dest="controlnets", action="append", default=[], type=path_arg,
+                   metavar="FILE:IMAGE[:STRENGTH[:START:END]]",
+                   help="a Stage C ControlNet (repeatable); IMAGE = PATH, PATH,MASK (inpainting, white = repaint), "
+                        "canny=PHOTO or canny@LOW,HIGH=PHOTO (README: ControlNets)")
     g.add_argument("--quiet", action="store_true", help="no progress lines or bars")
 
 

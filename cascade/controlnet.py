@@ -516,3 +516,79 @@ def planner_extras(request, prior_itemsize: int = 2) -> dict[str, int]:
         # the outputs are resized to the latent in the UNet; kept at the backbone's 1/32 (or 1x) size, which is it
         kept += len(cnet.config["proj_blocks"]) * cnet.config["c_proj"] * latent_hw[0] * latent_hw[1] * 4
     return {"prior": run_peak + kept}
+
+
+# --- command line and infotext -----------------------------------------------------------------------------------
+
+SPEC = "FILE:IMAGE[:STRENGTH[:START:END]]"
+
+
+def _split_colons(text: str) -> list[str]:
+    """Split on ':' but keep Windows drive letters (`C:\\...`, `C:/...`) with their path."""
+    tokens, out = text.split(":"), []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if len(token) == 1 and token.isalpha() and i + 1 < len(tokens) and tokens[i + 1][:1] in ("\\", "/"):
+            token, i = token + ":" + tokens[i + 1], i + 1
+        out.append(token)
+        i += 1
+    return out
+
+
+def parse_spec(text: str) -> tuple[str, str, str | None, float, float, float, tuple[float, float] | None]:
+    """`--controlnet` text -> (file, image path, mask path or None, strength, start, end, canny thresholds or None).
+
+    IMAGE is `PATH`, `PATH,MASK` (inpainting; mask white = repaint) or `canny=PATH` / `canny@LOW,HIGH=PATH`
+    (edges computed from a photo). Raises InvalidRequestError naming the part that is wrong."""
+    from .errors import InvalidRequestError
+
+    def bad(why: str) -> InvalidRequestError:
+        return InvalidRequestError(f"--controlnet {text!r}: {why}; the form is {SPEC}, IMAGE = PATH, PATH,MASK, "
+                                   "canny=PATH or canny@LOW,HIGH=PATH")
+
+    parts = _split_colons(text)
+    if len(parts) not in (2, 3, 5) or not parts[0] or not parts[1]:
+        raise bad("expected a file, an image and optionally STRENGTH or STRENGTH:START:END")
+    try:
+        numbers = [float(p) for p in parts[2:]]
+    except ValueError:
+        raise bad(f"{', '.join(parts[2:])} is not a number") from None
+    strength, start, end = (numbers + [1.0, 0.0, 1.0][len(numbers):])[:3] if numbers else (1.0, 0.0, 1.0)
+    image, canny = parts[1], None
+    if image.startswith("canny=") or image.startswith("canny@"):
+        head, _, image = image.partition("=")
+        canny = CANNY_THRESHOLDS
+        if head != "canny":
+            try:
+                low, high = (float(v) for v in head[len("canny@"):].split(","))
+            except ValueError:
+                raise bad(f"{head!r}: canny thresholds are canny@LOW,HIGH, e.g. canny@0.4,0.8") from None
+            canny = (low, high)
+        if not image:
+            raise bad("canny= needs an image path")
+    image, _, mask = image.partition(",")
+    return parts[0], image, mask or None, strength, start, end, canny
+
+
+def entry_from_spec(text: str) -> ControlEntry:
+    """A ControlEntry from `--controlnet` text: images opened and checked, canny edges computed, the file's header
+    classified (a wrong file fails here, before anything loads)."""
+    from .images import load_image
+
+    path, image, mask, strength, start, end, canny = parse_spec(text)
+    scan_controlnet(path)
+    picture = load_image(image, f"ControlNet image {Path(image).name}")
+    if canny is not None:
+        picture = canny_edges(picture, *canny)
+    mask_image = load_image(mask, f"ControlNet mask {Path(mask).name}") if mask else None
+    return ControlEntry(path, picture, strength, start, end, mask_image)
+
+
+def infotext_value(entries: Sequence[Any]) -> str:
+    """The infotext "ControlNet" field: `name strength start-end` per ControlNet, `; ` between them."""
+    out = []
+    for item in entries:
+        e = as_entry(item)
+        out.append(f"{Path(e.path).stem} {e.strength:g} {e.start:g}-{e.end:g}")
+    return "; ".join(out)

@@ -134,6 +134,10 @@ def build_infotext(
         fields["Image prompt strength"] = _num(request.image_prompt_strength)
     if request.loras:
         fields.update(lora_fields(request.loras))
+    if request.controlnets:
+        from .controlnet import infotext_value
+
+        fields["ControlNet"] = infotext_value(request.controlnets)
     if dtypes:
         fields["Dtype"] = " ".join(f"{k}={v}" for k, v in dtypes.items())
     fields.update(extra or {})

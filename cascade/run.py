@@ -60,6 +60,9 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     fields["loras"] = tuple(fields.get("loras") or ())
     for path, _, _ in fields["loras"]:
         read_lora(path)  # a missing file, not a LoRA, another family's or an unsupported type: before any load
+    from .controlnet import entry_from_spec
+
+    fields["controlnets"] = tuple(entry_from_spec(s) for s in fields.get("controlnets") or ())
     return build_request(fields).with_seed()
 
 

@@ -337,7 +337,13 @@ class SideParts:
         dtypes = dict(self.dtypes)
         if stage_a_config is not None:
             configs[STAGE_A_ENCODE], dtypes[STAGE_A_ENCODE] = dict(stage_a_config), stage_a_dtype
-        return planner_extras(request, weights, configs, dtypes)
+        out = planner_extras(request, weights, configs, dtypes)
+        if getattr(request, "controlnets", ()):  # Stage C ControlNets (files from the request, not side parts)
+            from .controlnet import planner_extras as controlnet_extras
+
+            for phase, n in controlnet_extras(request).items():
+                out[phase] = out.get(phase, 0) + n
+        return out
 
     def nbytes(self, kind: str) -> int:
         """Device bytes of a part at its dtype (from the header, or the provided module); 0 when absent."""

@@ -398,3 +398,68 @@ def test_planner_counts_controlnet_weights_and_residuals(cnet_files):
     assert cn.planner_extras(_request([(str(cnet_files["canny"]), _edges(), 0.0)])) == {}
     two = cn.planner_extras(_request([(str(cnet_files["canny"]), _edges(), 1.0)] * 2))
     assert two["prior"] == extras["prior"] + kept  # they run one after another: one peak, both residuals kept
+
+
+# --- 4. command line ------------------------------------------------------------------------------------------
+
+def test_spec_parsing():
+    assert cn.parse_spec("c.safetensors:e.png") == ("c.safetensors", "e.png", None, 1.0, 0.0, 1.0, None)
+    assert cn.parse_spec("c.safetensors:e.png:0.6") == ("c.safetensors", "e.png", None, 0.6, 0.0, 1.0, None)
+    assert cn.parse_spec("C:\\m\\c.safetensors:D:/i/e.png:0.5:0.1:0.9")[:6] == (
+        "C:\\m\\c.safetensors", "D:/i/e.png", None, 0.5, 0.1, 0.9)
+    assert cn.parse_spec("i.safetensors:p.png,m.png:1:0:0.5")[1:3] == ("p.png", "m.png")
+    assert cn.parse_spec("c.safetensors:canny=p.png")[6] == cn.CANNY_THRESHOLDS
+    assert cn.parse_spec("c.safetensors:canny@0.2,0.5=p.png")[1::5] == ("p.png", (0.2, 0.5))
+    for bad, message in (("c.safetensors", "expected a file, an image"), ("c.safetensors:e.png:x", "not a number"),
+                         ("c.safetensors:e.png:1:0", "expected a file"), ("c.safetensors:canny@a=p.png", "thresholds")):
+        with pytest.raises(InvalidRequestError, match=message):
+            cn.parse_spec(bad)
+
+
+def test_cli_generates_with_two_stacked_controlnets_on_the_tiny_model(tmp_path, cnet_files, capsys):
+    """No --prior: the embedded tiny model; canny edges computed from a photo, plus an inpainting ControlNet."""
+    from cascade.cli import main
+    from cascade.infotext import parse_infotext
+
+    photo, mask = tmp_path / "photo.png", tmp_path / "mask.png"
+    _edges().save(photo)
+    Image.new("L", (256, 256), 255).save(mask)
+    out = tmp_path / "out.png"
+    code = main(["generate", "a cat", "--out", str(out), "--width", "256", "--height", "256", "--seed", "2",
+                 "--steps", "3", "--decoder-steps", "1", "--device", "cpu", "--quiet",
+                 "--controlnet", f"{cnet_files['canny']}:canny=" + str(photo) + ":0.8:0:0.5",
+                 "--controlnet", f"{cnet_files['inpainting']}:{photo},{mask}:0.4"])
+    assert code == 0, capsys.readouterr().err
+    params = parse_infotext(Image.open(out).text["parameters"])
+    assert params["ControlNet"] == "tiny_canny 0.8 0-0.5; tiny_inpainting 0.4 0-1"
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("{missing}:{photo}", "no such file"),
+    ("{sd15}:{photo}", "ControlNet for Stable Diffusion"),
+    ("{canny}:{photo}:12", "strength 12"),
+    ("{canny}:{photo}:1:0.9:0.1", "start 0.9 is after its end"),
+    ("{canny}:{nophoto}", "nophoto"),
+    ("{canny}", "the form is"),
+])
+def test_cli_errors_are_one_line_exit_2(tmp_path, cnet_files, capsys, spec, message):
+    from cascade.cli import main
+
+    photo = tmp_path / "photo.png"
+    _edges().save(photo)
+    sd15 = tmp_path / "sd15_canny.safetensors"
+    write_safetensors(sd15, {"control_model.zero_convs.0.0.weight": torch.zeros(4, 4, 1, 1)})
+    text = spec.format(missing=tmp_path / "missing.safetensors", photo=photo, sd15=sd15, canny=cnet_files["canny"],
+                       nophoto=tmp_path / "nophoto.png")
+    out = tmp_path / "out.png"
+    code = main(["generate", "x", "--out", str(out), "--width", "256", "--height", "256", "--device", "cpu",
+                 "--quiet", "--controlnet", text])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_side_parts_planner_extras_include_controlnets(tiny_pipeline, cnet_files):
+    request = _request([(str(cnet_files["canny"]), _edges(), 1.0)])
+    with_cnet = tiny_pipeline.side.planner_extras(request)
+    without = tiny_pipeline.side.planner_extras(_request([]))
+    assert with_cnet["prior"] - without.get("prior", 0) == cn.planner_extras(request)["prior"]
