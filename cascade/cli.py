@@ -165,7 +165,10 @@ def _add_generate(sub) -> None:
     images.add_argument("--clip-vision", type=path_arg, help="CLIP-L vision file for --image-prompt when the main file has none")
     images.add_argument("--previewer", type=path_arg, help="Stage C previewer file for --preview when the main file has none")
     images.add_argument("--preview", type=path_arg, help="keep writing a live preview PNG of the first image here")
-    images.add_argument("--preview-every", type=int, default=4, help="steps between previews (with --preview)")
+    images.add_argument("--preview-dir", type=path_arg,
+                        help="write every preview of the first image here as <stage>-<step>.png")
+    images.add_argument("--preview-every", type=int, default=4,
+                        help="steps between previews (with --preview / --preview-dir; the last step always)")
     _add_device_args(g)
     g.add_argument("--lora", dest="loras", action="append", default=[], type=_lora_arg,
                    metavar="FILE[:WEIGHT[:TE_WEIGHT]]",

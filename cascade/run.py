@@ -53,7 +53,7 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
             fields[name] = load_image(fields[name], f"{what} {Path(fields[name]).name}")
     fields["image_prompts"] = tuple(load_image(p, f"image prompt {i + 1} {Path(p).name}")
                                     for i, p in enumerate(fields.get("image_prompts") or ()))
-    if getattr(args, "preview", None):
+    if getattr(args, "preview", None) or getattr(args, "preview_dir", None):
         fields["preview_every"] = args.preview_every
     from .lora import read_lora
 
@@ -75,9 +75,10 @@ def output_paths(out: Path, seeds: list[int]) -> list[Path]:
 class _Progress:
     """Step bars per stage on stderr, the Stage A line after the last decoder step, and the live preview file."""
 
-    def __init__(self, enabled: bool, preview: Path | None = None):
+    def __init__(self, enabled: bool, preview: Path | None = None, preview_dir: Path | None = None):
         self.enabled = enabled
         self.preview = preview
+        self.preview_dir = preview_dir
         self.bar = None
         self.stage = None
         self.decode_started: float | None = None
@@ -87,6 +88,11 @@ class _Progress:
             from .atomic import atomic_write
 
             atomic_write(self.preview, lambda f: event.preview.save(f, format="PNG"), what="preview", durable=False)
+        if event.preview is not None and self.preview_dir is not None:
+            from .atomic import atomic_write
+
+            target = self.preview_dir / f"{event.stage}-{event.step:04d}.png"
+            atomic_write(target, lambda f: event.preview.save(f, format="PNG"), what="preview", durable=False)
         if not self.enabled:
             return
         from tqdm import tqdm
@@ -172,8 +178,12 @@ def generate_to_files(args: argparse.Namespace) -> list[tuple[Path, int]]:
     spec = spec_from_args(args)
     request = request_from_args(args)
     targets = output_paths(Path(args.out), request.seeds)
-    for target in targets + ([Path(args.preview)] if getattr(args, "preview", None) else []):
+    preview_dir = Path(args.preview_dir) if getattr(args, "preview_dir", None) else None
+    for target in targets + ([Path(args.preview)] if getattr(args, "preview", None) else []) + (
+            [preview_dir / "prior-0001.png"] if preview_dir is not None else []):
         check_output_target(target)
+    if preview_dir is not None:
+        preview_dir.mkdir(parents=True, exist_ok=True)
     from .side_parts import check_side_files
 
     check_side_files(spec.side_files())  # --stage-c-encoder / --clip-vision / --previewer: headers, before loading
@@ -187,7 +197,8 @@ def generate_to_files(args: argparse.Namespace) -> list[tuple[Path, int]]:
     prompt, negative = presets.apply_preset(preset, request.prompt, request.negative_prompt)
     request = with_fields(request, prompt=prompt, negative_prompt=negative)
 
-    progress = _Progress(enabled=not args.quiet, preview=Path(args.preview) if getattr(args, "preview", None) else None)
+    progress = _Progress(enabled=not args.quiet, preview=Path(args.preview) if getattr(args, "preview", None) else None,
+                         preview_dir=preview_dir)
     try:
         result = session.pipeline.generate(request, callback=progress)
     finally:

@@ -137,6 +137,24 @@ def test_cli_preview_file_is_a_valid_png_of_the_last_step(tiny_pair, tmp_path, c
     assert Image.open(out).size == (512, 768)
 
 
+def test_cli_preview_dir_keeps_every_due_preview(tiny_pair, tmp_path, capsys):
+    """`--preview-dir D --preview-every 3` writes the first image's previews as <stage>-<step>.png: steps 3, 6 and
+    the last of Stage C (7), the last of Stage B (2) — Stage C previews at its latent size, Stage B's at its own."""
+    from PIL import Image
+
+    from cascade.cli import main
+
+    prior, decoder = tiny_pair
+    out, folder = tmp_path / "out.png", tmp_path / "previews" / "run1"
+    code = main(["generate", "x", "--prior", str(prior), "--decoder", str(decoder), "--out", str(out), "--width",
+                 "256", "--height", "256", "--steps", "7", "--decoder-steps", "2", "--preview-dir", str(folder),
+                 "--preview-every", "3", "--device", "cpu", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["decoder-0002.png", "prior-0003.png", "prior-0006.png",
+                                                         "prior-0007.png"]
+    assert Image.open(folder / "decoder-0002.png").size == (256 // 4, 256 // 4)
+
+
 def test_cli_without_preview_flag_writes_no_preview(tiny_pair, tmp_path, capsys):
     from cascade.cli import main
 
