@@ -66,7 +66,7 @@ def as_entry(value) -> LoraEntry:
     if isinstance(value, (str, Path)):
         return LoraEntry(str(value))
     if isinstance(value, (tuple, list)) and 1 <= len(value) <= 3:
-        path, unet, te = (list(value) + [1.0, None])[:3]
+        path, unet, te = (list(value) + [None, None])[:3]  # missing weights: unet 1.0, text encoder = unet
         return LoraEntry(str(path), 1.0 if unet is None else unet, te)
     raise TypeError(f"a LoRA entry is (path, unet weight, text-encoder weight), got {value!r}")
 

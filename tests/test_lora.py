@@ -621,3 +621,12 @@ def test_api_bodies_cannot_name_lora_files():
     assert "loras" not in json_fields()
     with pytest.raises(CascadeError, match="loras.*names files"):
         from_sdnext({"prompt": "x", "loras": [["/etc/passwd", 1.0]]})
+
+
+def test_request_entries_default_the_text_encoder_weight_to_the_unet_weight():
+    """A1111/SD.Next's <lora:name:w>: one weight for every part unless a text-encoder weight is given."""
+    from cascade.lora_apply import as_entry
+
+    assert as_entry(("a.safetensors", 0.7)).weight_for("text_encoder") == 0.7
+    assert as_entry(("a.safetensors", 0.7, 0.2)).weight_for("text_encoder") == 0.2
+    assert as_entry(["a.safetensors"]).weight_for("prior") == 1.0 == as_entry("a.safetensors").weight_for("text_encoder")
