@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import descriptors, hook, library, logs, options
+from . import descriptors, hook, library, logs, options, params
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,9 @@ def prompt_text_script():
 
         def ui(self, is_img2img):
             return []
+
+        def before_process(self, p, *args, **kwargs):
+            params.remember_requested_size(p)  # before SD.Next rounds the size (see params.check_requested_size)
 
         def process_batch(self, p, *args, **kwargs):
             if isinstance(shared.sd_model, StableCascadeSingleFilePipeline):

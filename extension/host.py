@@ -26,6 +26,7 @@ then ends the job. Skip ends the current batch, consumes the skip flag and lets 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from cascade.pipeline import StepEvent
@@ -33,7 +34,7 @@ from cascade.request import default_decoder, default_prior
 
 from . import params
 from .errors import CascadeHostError, host_error
-from .pipeline import PipelineHost
+from .pipeline import DEFAULT_STRENGTH, PipelineHost
 
 STAGE_TITLES = {"prior": "Stage C (prior)", "decoder": "Stage B (decoder)"}
 # SD.Next's "Live preview method" -> cascade.previews method (TAESD and Full have no Stable Cascade counterpart that
@@ -127,6 +128,9 @@ class SdnextHost(PipelineHost):
         # its parser ran, so hand over this batch's text too.
         args.setdefault("prompt", list(p.prompts))
         args.setdefault("negative_prompt", list(p.negative_prompts))
+        if args.get("image") is not None:  # SD.Next writes "Denoising strength" only for its own img2img task types
+            strength = args.get("strength")
+            prior = replace(prior, denoise=float(DEFAULT_STRENGTH if strength is None else strength))
         p.extra_generation_params.update(params.infotext_fields(prior, decoder, settings, self.decoder_name))
         p.extra_generation_params["Noise"] = settings.noise  # as the CLI writes it (`--from` reads it back)
 

@@ -32,10 +32,11 @@ from diffusers.utils import BaseOutput
 
 from cascade import sampling
 from cascade.errors import GenerationInterrupted, InvalidRequestError
+from cascade.lora import LoraError
 from cascade.pipeline import CascadePipeline, Conditioning, StepEvent, to_pil
 from cascade.request import STAGE_A_SCALE, build_request, default_decoder, default_prior
 
-from .errors import host_error
+from .errors import CascadeHostError, host_error
 from .lora import LoraAdapters
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,16 @@ def _rows(cond: list[Conditioning], start: int, end: int) -> Conditioning:
     return Conditioning(torch.cat([c.hidden for c in cond[start:end]]), torch.cat([c.pooled for c in cond[start:end]]))
 
 
-class StableCascadeSingleFilePipeline(LoraAdapters, StableCascadeCombinedPipeline):
+class _HostPreprocess:
+    """The host's `preprocess`, below LoraAdapters in the MRO: LoraAdapters.preprocess (a LoRA SD.Next could not
+    load is an error) runs first and ends in this one via super()."""
+
+    def preprocess(self, p: Any, args: dict[str, Any]) -> None:
+        if self.host is not None:
+            self.host.preprocess(self, p, args)
+
+
+class StableCascadeSingleFilePipeline(LoraAdapters, _HostPreprocess, StableCascadeCombinedPipeline):
     """Stable Cascade from single files (ComfyUI / Stability / kohya layouts) on our engine, for SD.Next."""
 
     _engine: CascadePipeline | None = None
@@ -273,8 +283,10 @@ class StableCascadeSingleFilePipeline(LoraAdapters, StableCascadeCombinedPipelin
         """SD.Next calls this with its request object and the call arguments just before `__call__`."""
         if self.load_error is not None:
             raise self.load_error
-        if self.host is not None:
-            self.host.preprocess(self, p, args)
+        try:
+            super().preprocess(p, args)  # LoraAdapters, then _HostPreprocess
+        except LoraError as e:  # a LoRA file of the prompt that cannot be used: 422, like an unusable model file
+            raise CascadeHostError(f"Stable Cascade {e}", 422) from e
 
     # --- conditioning -----------------------------------------------------------------------------------------
     def _encode(self, texts: list[str]) -> list[Conditioning]:
