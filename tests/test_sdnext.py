@@ -349,15 +349,18 @@ def test_progress_moves_through_both_stages(sdnext):
     assert max(p for _, _, p, _ in seen) > 0.5
 
 
-def _interrupt_at_step(client: Client, step: int, **fields) -> dict:
-    thread, result = _run_in_background(client, **LONG, **fields)
-    _wait_for_step(client, step, total=240)
+def _interrupt_at_step(client: Client, step: int, prior_steps: int, **fields) -> dict:
+    """Interrupt a LONG run with `prior_steps` Stage C steps: runs that follow each other differ in their bar's size,
+    so the progress of the one before (SD.Next keeps it until the next run's bar is set) is never taken for this."""
+    total = prior_steps + LONG["refiner_steps"]
+    thread, result = _run_in_background(client, **{**LONG, "steps": prior_steps}, **fields)
+    _wait_for_step(client, step, total=total)
     status, _ = client.post("/sdapi/v1/interrupt")
     assert status == 204
     thread.join(120)
     assert not thread.is_alive()
     _, progress = client.get("/sdapi/v1/progress?skip_current_image=true")
-    assert progress["state"]["sampling_step"] < 240
+    assert progress["state"]["sampling_step"] < total
     return result
 
 
@@ -366,13 +369,31 @@ def test_interrupt_stops_a_run(sdnext):
     process_images_inner, on `state.interrupted`): with its "Save interrupted images" option (`keep_incomplete`,
     default on) the last live preview (`state.current_image`, ours: the Stage C previewer's small image) replaces
     the batch's samples; with it off, nothing comes back."""
-    result = _interrupt_at_step(sdnext.client, 5, keep_incomplete=False)
+    result = _interrupt_at_step(sdnext.client, 5, 200, keep_incomplete=False)
     assert result["status"] == 200 and result["body"]["images"] == []  # what finished: nothing (one batch)
     TIMINGS["interrupt_return_s"] = result["seconds"]
-    result = _interrupt_at_step(sdnext.client, 5)
+    result = _interrupt_at_step(sdnext.client, 5, 190)
     assert result["status"] == 200 and len(result["body"]["images"]) == 1
     preview = _image(result["body"]["images"][0])
     assert preview.size[0] < LONG["width"] and preview.size[0] == preview.size[1]  # the preview, not an image
+
+
+def test_live_preview_during_txt2img(sdnext):
+    """Issue 12: SD.Next's live preview pane (/sdapi/v1/progress `current_image`) shows our previews during a run,
+    with SD.Next's default preview settings (method and refresh period)."""
+    client = sdnext.client
+    thread, result = _run_in_background(client, **LONG)
+    preview, t0 = None, time.perf_counter()
+    try:
+        while preview is None and thread.is_alive() and time.perf_counter() - t0 < 60:
+            _, progress = client.get("/sdapi/v1/progress")
+            if progress.get("current_image") and progress["state"]["sampling_steps"] == 240:
+                preview = _image(progress["current_image"])
+            time.sleep(0.1)
+    finally:
+        client.post("/sdapi/v1/interrupt")
+        thread.join(120)
+    assert preview is not None and preview.size[0] > 0 and preview.mode in ("RGB", "RGBA")
 
 
 def test_skip_moves_on_to_the_next_batch(sdnext):
