@@ -463,3 +463,28 @@ def test_side_parts_planner_extras_include_controlnets(tiny_pipeline, cnet_files
     with_cnet = tiny_pipeline.side.planner_extras(request)
     without = tiny_pipeline.side.planner_extras(_request([]))
     assert with_cnet["prior"] - without.get("prior", 0) == cn.planner_extras(request)["prior"]
+
+
+def test_full_size_stage_c_has_the_64_resblock_calls_the_projections_index():
+    """proj_blocks reach 63: the big Stage C must make 64 ResBlock calls (32 down, 32 up), each one taking a
+    residual of the official ControlNet's shape (meta device: shapes only, no memory)."""
+    from diffusers.models.unets.unet_stable_cascade import SDCascadeResBlock
+
+    from cascade import configs
+    from cascade.models import CascadeUNet
+
+    with torch.device("meta"):
+        prior = CascadeUNet.from_config(configs.PRIOR).eval()
+        net = StageCControlNet(official_config("effnet", 1)).eval()
+        res = net(torch.zeros(1, 1, *cn.hint_size((24, 24), "effnet")))
+        calls = []
+        blocks = [b for lvl in (*prior.down_blocks, *prior.up_blocks) for b in lvl if isinstance(b, SDCascadeResBlock)]
+        hooks = [b.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[1])) for b in blocks]
+        try:
+            out = prior(torch.zeros(2, 16, 24, 24), torch.zeros(2), torch.zeros(2, 1, 1280), torch.zeros(2, 77, 1280),
+                        torch.zeros(2, 1, 768), control=cn.expand(res, 2), return_dict=False)[0]
+        finally:
+            for h in hooks:
+                h.remove()
+    assert len(calls) == 64 and max(PROJ_BLOCKS) == len(calls) - 1 and set(calls) == {2048}
+    assert tuple(out.shape) == (2, 16, 24, 24)
