@@ -185,3 +185,36 @@ def clip_vision_input(pixels: torch.Tensor, size: int, mean=None, std=None, crop
         image = image[:, :, h : h + size, w : w + size]
     image = torch.clip(255.0 * image, 0, 255).round() / 255.0
     return (image - mean) / std
+
+
+def decode_base64_image(data: str, max_pixels: int, max_bytes: int, what: str = "init image"):
+    """A base64 image from a request (a `data:image/...;base64,` prefix allowed) -> PIL, within the size limits.
+    The pixel count is checked from the header before the pixels are decoded (no decompression bombs). The server
+    and the SD.Next extension (per-request image prompts) both decode request images here."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image
+
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    if len(data) > max_bytes * 4 // 3 + 4:
+        raise InvalidRequestError(f"{what} is larger than {max_bytes // (1024 * 1024)} MiB")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(f"{what} is not valid base64") from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+    except Exception:  # noqa: BLE001 - PIL raises many types for a file that is not an image
+        raise InvalidRequestError(f"{what} is not an image PIL can read (PNG, JPEG, WebP, ...)") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InvalidRequestError(f"{what} is {width}x{height} = {width * height} pixels; this server accepts at "
+                                  f"most {max_pixels}")
+    try:
+        image.load()
+    except Exception as err:  # noqa: BLE001
+        raise InvalidRequestError(f"{what} could not be decoded ({err}); send a complete PNG or JPEG") from None
+    return image

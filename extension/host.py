@@ -113,7 +113,21 @@ class SdnextHost(PipelineHost):
             decoder_sampler=decoder.sampler, decoder_scheduler=decoder.scheduler, decoder_shift=decoder.shift,
             decoder_guidance_scale=decoder.cfg, compression=settings.compression, stage_a_scale=settings.stage_a_scale,
         )
-        args["cascade_fields"] = {**(args.get("cascade_fields") or {}), "noise": settings.noise}
+        fields = {**(args.get("cascade_fields") or {}), "noise": settings.noise}
+        upscale = params.hires_upscale(getattr(p, "enable_hr", False), getattr(p, "hr_scale", 2.0),
+                                       getattr(p, "hr_resize_x", 0), getattr(p, "hr_resize_y", 0),
+                                       args.get("width") or getattr(p, "width", 1024),
+                                       args.get("height") or getattr(p, "height", 1024))
+        if upscale != 1:
+            fields["upscale"] = upscale
+            p.enable_hr = False  # Stage B renders the larger image: SD.Next's second (img2img) pass must not run too
+        image_prompts = params.decode_image_prompts(request_value(p, params.IMAGE_PROMPTS_KEY))
+        if image_prompts:
+            fields["image_prompts"] = image_prompts
+            strength = request_value(p, params.IMAGE_PROMPT_STRENGTH_KEY)
+            if strength not in (None, ""):
+                fields["image_prompt_strength"] = params.number(strength, params.IMAGE_PROMPT_STRENGTH_KEY)
+        args["cascade_fields"] = fields
         p.cfg_scale = prior.cfg  # the response's info reports the CFG used, not the UI's -1
         if getattr(p, "seeds", None):
             args["seeds"] = params.resolve_seeds(p.seeds)
@@ -133,6 +147,11 @@ class SdnextHost(PipelineHost):
             prior = replace(prior, denoise=float(DEFAULT_STRENGTH if strength is None else strength))
         p.extra_generation_params.update(params.infotext_fields(prior, decoder, settings, self.decoder_name))
         p.extra_generation_params["Noise"] = settings.noise  # as the CLI writes it (`--from` reads it back)
+        if upscale != 1:
+            p.extra_generation_params["Upscale"] = upscale
+        if image_prompts:
+            p.extra_generation_params["Image prompts"] = len(image_prompts)
+            p.extra_generation_params["Image prompt strength"] = fields.get("image_prompt_strength", 1.0)
 
     # --- progress and stopping ----------------------------------------------------------------------------------
     def begin(self, total_steps: int) -> None:

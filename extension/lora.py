@@ -125,6 +125,14 @@ class LoraAdapters:
         return list(self._lora_state()["failed"].values())
 
     def preprocess(self, p: Any, args: dict[str, Any]) -> None:
+        state = self._lora_state()
+        requested = _requested_names(p)
+        if requested is not None and state["active"] and not set(state["active"]) <= requested:
+            # SD.Next makes no LoRA call at all when none of the prompt's LoRAs is in its Lora folder: without this,
+            # the previous request's LoRA would stay merged into this image.
+            log.info("Stable Cascade: LoRA %s not asked for by this prompt; restoring the weights", state["active"])
+            self._lora_restore()
+            state["active"], state["weights"] = [], []
         problems = self.lora_problems()
         if problems and _still_requested(p, self._lora_state()["failed"]):
             from cascade.lora import LoraError
@@ -164,3 +172,17 @@ def _still_requested(p: Any, failed: dict[str, str]) -> bool:
         if positional and str(positional[0]).replace(".", "_") in failed:
             return True
     return False
+
+
+def _requested_names(p: Any) -> set[str] | None:
+    """The adapter names this request's prompt asks for (SD.Next's p.network_data['lora'], names with '.' as '_'),
+    or None when `p` does not say."""
+    data = getattr(p, "network_data", None)
+    if not hasattr(data, "get"):
+        return None
+    names = set()
+    for params in data.get("lora", None) or []:
+        positional = getattr(params, "positional", None) or []
+        if positional:
+            names.add(str(positional[0]).replace(".", "_"))
+    return names

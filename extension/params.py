@@ -121,6 +121,53 @@ def infotext_fields(prior: StageSettings, decoder: StageSettings, settings: Casc
                              decoder_name=decoder_name)
 
 
+# --- SD.Next's hires fix and per-request image prompts ----------------------------------------------------------
+IMAGE_PROMPTS_KEY = "cascade_image_prompts"  # `extra`: a list of base64 images (image variations / image prompts)
+IMAGE_PROMPT_STRENGTH_KEY = "cascade_image_prompt_strength"  # `extra` or Settings: their weight (default 1.0)
+
+
+def hires_upscale(enable_hr: bool, hr_scale: Any, hr_resize_x: Any, hr_resize_y: Any, width: int, height: int) -> int:
+    """SD.Next's hires fix -> the Stage B upscale factor (1 when hires is off): for Stable Cascade, "hires" is Stage
+    B rendering at a whole multiple of the size from the same Stage C latent (what ComfyUI users do for 2048+ pixels),
+    not a second img2img pass. Hires scale (or the resize-to width/height) must give a whole factor up to 4."""
+    from cascade.request import MAX_UPSCALE
+
+    if not enable_hr:
+        return 1
+    targets = [(x, side) for x, side in ((hr_resize_x, width), (hr_resize_y, height)) if x]
+    factors = {float(x) / side for x, side in targets} if targets else {float(hr_scale)}
+    factor = factors.pop() if len(factors) == 1 else None
+    if factor is None or not factor.is_integer() or not 1 <= factor <= MAX_UPSCALE:
+        asked = f"resize to {hr_resize_x}x{hr_resize_y}" if targets else f"scale {hr_scale}"
+        raise InvalidRequestError(
+            f"Hires fix with Stable Cascade renders Stage B at a whole multiple of the size (2, 3 or 4); {asked} of "
+            f"{width}x{height} is not one: set Hires scale to 2 (and leave resize at 0), or turn hires off")
+    return int(factor)
+
+
+def number(value: Any, key: str) -> float:
+    """An option or `extra` value that must be a finite number (SD.Next may hand it over as text)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise InvalidRequestError(f"{key}={value!r} is not a number") from None
+    if not math.isfinite(out):
+        raise InvalidRequestError(f"{key}={value!r} must be a finite number")
+    return out
+
+
+def decode_image_prompts(value: Any, max_pixels: int = 4096 * 4096, max_bytes: int = 32 << 20) -> tuple:
+    """`extra: {"cascade_image_prompts": [base64, ...]}` -> PIL images (a request never names files)."""
+    from cascade.images import decode_base64_image
+
+    if value in (None, "", [], ()):
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise InvalidRequestError(f"{IMAGE_PROMPTS_KEY} must be a list of base64-encoded images")
+    return tuple(decode_base64_image(item, max_pixels, max_bytes, f"image prompt {i + 1}") for i, item in enumerate(items))
+
+
 # --- SD.Next's conventions for seeds, CFG and sizes ------------------------------------------------------------------
 REQUESTED_SIZE_ATTR = "cascade_requested_size"  # (width, height) before SD.Next rounded them (remember_requested_size)
 

@@ -33,7 +33,9 @@ from cascade.errors import CascadeError, InvalidRequestError
 
 from .config import ServeConfig
 from .errors import ServeError, error_body, message_for, status_for
-from .render import decode_image, sdnext_info
+from cascade.images import decode_base64_image as decode_image
+
+from .render import sdnext_info
 from .worker import DISCONNECT, RECENT_JOBS, TIMEOUT, Job, Worker
 
 log = logging.getLogger(__name__)

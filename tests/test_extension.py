@@ -701,3 +701,56 @@ def test_noise_setting_reaches_the_request_and_the_infotext(tiny_pipeline, fake_
                                                   decoder_steps=2, prior_cfg=4.0, noise="comfyui")).images
     torch.testing.assert_close(results["comfyui"], engine)
     assert not torch.allclose(results["cpu"], results["comfyui"])
+
+
+def test_hires_fix_is_the_stage_b_upscale(tiny_pipeline, fake_modules):
+    """SD.Next's hires fix at scale 2 renders Stage B at twice the size from the same Stage C latent (the engine's
+    upscale 2, identical pixels), turns SD.Next's own second pass off and says so in the infotext; a scale that is
+    not a whole factor is refused with the fix."""
+    from cascade.request import build_request
+    from extension.host import SdnextHost
+
+    p = _fake_p(enable_hr=True, hr_scale=2.0, hr_resize_x=0, hr_resize_y=0, width=128, height=128)
+    args = {"prior_num_inference_steps": 3, "num_inference_steps": 2, "output_type": "pt", "width": 128, "height": 128}
+    pipe = StableCascadeSingleFilePipeline.from_engine(tiny_pipeline, host=SdnextHost("d.safetensors"))
+    pipe.preprocess(p, args)
+    assert p.enable_hr is False and p.extra_generation_params["Upscale"] == 2
+    images = pipe(**args).images
+    engine = tiny_pipeline.generate(build_request(prompt="a fox", width=128, height=128, seed=11, prior_steps=3,
+                                                  decoder_steps=2, prior_cfg=4.0, upscale=2)).images
+    assert images.shape[-2:] == (256, 256)
+    torch.testing.assert_close(images, engine)
+    bad = _fake_p(enable_hr=True, hr_scale=1.5, hr_resize_x=0, hr_resize_y=0, width=128, height=128)
+    with pytest.raises(CascadeHostError, match="whole multiple.*Hires scale to 2") as err:
+        pipe.preprocess(bad, dict(args))
+    assert err.value.status_code == 400
+
+
+def test_image_prompts_arrive_as_extra_base64(tiny_pipeline, fake_modules):
+    """`extra: {"cascade_image_prompts": [base64], "cascade_image_prompt_strength": "0.5"}` conditions Stage C
+    through CLIP vision like the CLI's --image-prompt (same pixels); bad base64 is a 400 naming the field."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from cascade.request import build_request
+    from extension.host import SdnextHost
+
+    picture = Image.new("RGB", (64, 48), (200, 40, 40))
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    encoded = base64.b64encode(buf.getvalue()).decode()
+    p = _fake_p(cascade_image_prompts=[encoded], cascade_image_prompt_strength="0.5")
+    args = {"prior_num_inference_steps": 3, "num_inference_steps": 2, "output_type": "pt", "width": 128, "height": 128}
+    pipe = StableCascadeSingleFilePipeline.from_engine(tiny_pipeline, host=SdnextHost("d.safetensors"))
+    pipe.preprocess(p, args)
+    assert p.extra_generation_params["Image prompts"] == 1
+    images = pipe(**args).images
+    engine = tiny_pipeline.generate(build_request(prompt="a fox", width=128, height=128, seed=11, prior_steps=3,
+                                                  decoder_steps=2, prior_cfg=4.0, image_prompts=(picture,),
+                                                  image_prompt_strength=0.5)).images
+    torch.testing.assert_close(images, engine)
+    with pytest.raises(CascadeHostError, match="image prompt 1 is not valid base64") as err:
+        pipe.preprocess(_fake_p(cascade_image_prompts=["%%%"]), dict(args))
+    assert err.value.status_code == 400

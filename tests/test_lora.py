@@ -630,3 +630,23 @@ def test_request_entries_default_the_text_encoder_weight_to_the_unet_weight():
     assert as_entry(("a.safetensors", 0.7)).weight_for("text_encoder") == 0.7
     assert as_entry(("a.safetensors", 0.7, 0.2)).weight_for("text_encoder") == 0.2
     assert as_entry(["a.safetensors"]).weight_for("prior") == 1.0 == as_entry("a.safetensors").weight_for("text_encoder")
+
+
+def test_sdnext_prompt_without_the_merged_lora_restores_the_weights(tiny_pipeline, tmp_path):
+    """SD.Next makes no LoRA call when every LoRA of the prompt is missing from its folder; preprocess compares the
+    prompt's LoRAs (p.network_data) with the merged set and restores the weights bit for bit."""
+    from extension.lora import LoraAdapters
+
+    class Pipe(LoraAdapters, _Base):
+        pass
+
+    path = write_kohya(tmp_path / "style.safetensors", three_layers(tiny_pipeline, SCHEMES["kohya"]))
+    pipe = Pipe(tiny_pipeline)
+    before = snapshot(tiny_pipeline)
+    pipe.load_lora_weights(str(path), adapter_name="style")
+    pipe.set_adapters(["style"], [0.8])
+    pipe.preprocess(type("P", (), {"network_data": {"lora": [_Params("style", "0.8")]}})(), {})
+    assert not torch.equal(tiny_pipeline.prior.get_submodule(Q).weight, before[f"prior.{Q}.weight"])  # still merged
+    pipe.preprocess(type("P", (), {"network_data": {"lora": [_Params("no_such_lora", "1")]}})(), {})
+    assert_same_weights(tiny_pipeline, before)
+    assert pipe.get_active_adapters() == []

@@ -476,6 +476,26 @@ def _pixels(b64: str) -> bytes:
 SMALL = dict(width=256, height=256, steps=3, refiner_steps=2, seed=7)
 
 
+def test_hires_fix_and_image_prompts_through_sdnext(sdnext):
+    """Issue 12: hires fix at scale 2 is Stage B's 2x upscale (one pass, twice the size, "Upscale: 2" recorded);
+    a whole-factor rule is enforced (1.5 -> 4xx with the fix); image prompts arrive as base64 in `extra` and change
+    the image, deterministically."""
+    from PIL import Image
+
+    status, body = sdnext.client.txt2img(prompt="a fox", enable_hr=True, hr_scale=2, **SMALL)
+    assert status == 200 and len(body["images"]) == 1, body
+    assert _image(body["images"][0]).size == (512, 512)
+    assert "Upscale: 2" in json.loads(body["info"])["infotexts"][0]
+    status, body = sdnext.client.txt2img(prompt="a fox", enable_hr=True, hr_scale=1.5, **SMALL)
+    assert 400 <= status < 500 and "Hires scale to 2" in json.dumps(body), body
+    red = _png(Image.new("RGB", (96, 64), (200, 30, 30)))
+    plain = _pixels(sdnext.client.txt2img(prompt="", **SMALL)[1]["images"][0])
+    runs = [sdnext.client.txt2img(prompt="", extra={"cascade_image_prompts": [red]}, **SMALL) for _ in range(2)]
+    assert all(status == 200 for status, _ in runs), runs
+    varied = [_pixels(body["images"][0]) for _, body in runs]
+    assert varied[0] == varied[1] != plain
+
+
 def test_img2img_through_sdnext(sdnext):
     """Issue 12: /sdapi/v1/img2img with init_images + denoising_strength runs our img2img: deterministic per seed,
     changes with the init image and the strength, differs from txt2img, keeps the requested size, and the infotext
@@ -542,11 +562,10 @@ def test_lora_in_the_prompt(sdnext):
     assert run("a fox")[0] == plain
 
 
-@pytest.mark.xfail(reason="SD.Next (modules/lora/extra_networks_lora.py activate, diffusers method) calls neither "
-                          "set_adapters nor disable_lora when every LoRA the prompt names is missing from its Lora "
-                          "folder, so the previous request's LoRA stays merged; extension/lora.py does not yet "
-                          "compare p.network_data with its active set", strict=False)
 def test_missing_lora_name_does_not_keep_the_previous_lora(sdnext):
+    """SD.Next calls no LoRA method when every LoRA the prompt names is missing from its folder
+    (modules/lora/extra_networks_lora.py, diffusers method): the extension compares p.network_data with what is
+    merged and restores the weights, so the image is the plain one."""
     plain = _pixels(sdnext.client.txt2img(prompt="a fox", **SMALL)[1]["images"][0])
     sdnext.client.txt2img(prompt="a fox <lora:tiny_style:0.8>", **SMALL)
     try:
