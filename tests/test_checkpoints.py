@@ -6,11 +6,11 @@ import json
 import pickle
 import shutil
 import struct
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests._headers import header_from_shapes
 from cascade import configs, tiny
 from cascade.checkpoints import (
     DECODER,
@@ -31,20 +31,13 @@ from cascade.errors import (
 )
 from cascade.tiny import unet_keys_for_layout
 from cascade.loader import instantiate, resolve_sources
-from cascade.tensorfile import ITEMSIZE, SafetensorsHeader, TensorInfo, read_header, write_safetensors
+from cascade.tensorfile import SafetensorsHeader, read_header, write_safetensors
 
 
 # --- full-size headers, built from meta models so no gigabytes are written --------------------------------------
 
 def _header(name: str, shapes: dict[str, tuple[int, ...]], dtype: str = "F16") -> SafetensorsHeader:
-    tensors, offset = {}, 0
-    for key, shape in shapes.items():
-        n = ITEMSIZE[dtype]
-        for s in shape:
-            n *= s
-        tensors[key] = TensorInfo(key, dtype, tuple(shape), offset, offset + n)
-        offset += n
-    return SafetensorsHeader(Path(name), tensors, {}, offset)
+    return header_from_shapes(name, shapes, dtype)
 
 
 def _meta_shapes(kind: str, config: dict) -> dict[str, tuple[int, ...]]:

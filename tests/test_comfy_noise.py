@@ -19,25 +19,17 @@ Definitions followed (ComfyUI, files named at each reference below):
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from cascade import sampling as S
+from tests._kdiffusion import load as load_kdiffusion
 
 
-def _load_kdiffusion():
-    spec = importlib.util.spec_from_file_location("_kdiffusion", Path(__file__).with_name("_kdiffusion.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.load()
-
-
-K = _load_kdiffusion()
+K = load_kdiffusion()
 SHAPE = (2, 4, 6, 5)
 STOCHASTIC = ["ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "lcm"]
 SCHEDULE = {"ddpm": ("sgm_uniform", 8, 2.0), "euler_ancestral": ("karras", 7, 1.0),

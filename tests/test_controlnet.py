@@ -19,12 +19,13 @@ import pytest
 import torch
 from PIL import Image
 
+from tests._headers import header_from_shapes
 from cascade import controlnet as cn
 from cascade import tiny
 from cascade.checkpoints import CONTROLNET, checkpoint_from_header, scan
 from cascade.errors import CheckpointError, InvalidRequestError, NotStableCascadeError
 from cascade.models.controlnet import PROJ_BLOCKS, StageCControlNet, official_config
-from cascade.tensorfile import ITEMSIZE, SafetensorsHeader, TensorInfo, write_safetensors
+from cascade.tensorfile import SafetensorsHeader, write_safetensors
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +35,7 @@ def cnet_files(tmp_path_factory) -> dict[str, Path]:
 
 
 def _header(name: str, shapes: dict[str, tuple[int, ...]], dtype: str = "BF16") -> SafetensorsHeader:
-    tensors, offset = {}, 0
-    for key, shape in shapes.items():
-        n = ITEMSIZE[dtype]
-        for s in shape:
-            n *= s
-        tensors[key] = TensorInfo(key, dtype, tuple(shape), offset, offset + n)
-        offset += n
-    return SafetensorsHeader(Path(name), tensors, {}, offset)
+    return header_from_shapes(name, shapes, dtype)
 
 
 def _official_shapes(backbone: str, c_in: int) -> dict[str, tuple[int, ...]]:

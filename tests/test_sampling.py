@@ -16,7 +16,6 @@ is x(σ) = mu + (x(σ0) - mu)·sqrt((s²+σ²)/(s²+σ0²)).
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -26,16 +25,10 @@ import scipy.stats
 import torch
 
 from cascade import sampling as S
+from tests._kdiffusion import load as load_kdiffusion
 
 
-def _load_kdiffusion():
-    spec = importlib.util.spec_from_file_location("_kdiffusion", Path(__file__).with_name("_kdiffusion.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.load()
-
-
-K = _load_kdiffusion()
+K = load_kdiffusion()
 SHAPE = (2, 3, 4, 4)
 
 
