@@ -129,6 +129,17 @@ def test_plan_and_inspect_errors(capsys, tmp_path):
     assert "CUDA" in one_error_line(capsys)
 
 
+@pytest.mark.parametrize("argv,expected", [
+    (["inspect", "/proc/self/mem"], "Input/output error"),  # found by the CLI fuzz: an EIO traceback before
+    (["plan", "--vram", "1"], "does not fit"),  # found by the CLI fuzz: exit 2 with no error line before
+    (["inspect", "/dev/zero"], "not a regular file"),
+])
+def test_fuzz_findings_stay_fixed(argv, expected, capsys):
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert expected in line, line
+
+
 def test_help_shows_defaults_choices_and_verbose():
     from cascade.cli import build_parser
 
