@@ -32,7 +32,7 @@ from typing import Any
 from cascade.pipeline import StepEvent
 from cascade.request import default_decoder, default_prior
 
-from . import params
+from . import controlnet, params
 from .errors import CascadeHostError, host_error
 from .pipeline import DEFAULT_STRENGTH, PipelineHost
 
@@ -127,6 +127,9 @@ class SdnextHost(PipelineHost):
             strength = request_value(p, params.IMAGE_PROMPT_STRENGTH_KEY)
             if strength not in (None, ""):
                 fields["image_prompt_strength"] = params.number(strength, params.IMAGE_PROMPT_STRENGTH_KEY)
+        controlnets = controlnet.sdnext_entries(request_value(p, controlnet.EXTRA_KEY))
+        if controlnets:
+            fields["controlnets"] = controlnets
         args["cascade_fields"] = fields
         p.cfg_scale = prior.cfg  # the response's info reports the CFG used, not the UI's -1
         if getattr(p, "seeds", None):
@@ -152,6 +155,8 @@ class SdnextHost(PipelineHost):
         if image_prompts:
             p.extra_generation_params["Image prompts"] = len(image_prompts)
             p.extra_generation_params["Image prompt strength"] = fields.get("image_prompt_strength", 1.0)
+        if controlnets:
+            p.extra_generation_params["ControlNet"] = controlnet.infotext(controlnets)
 
     # --- progress and stopping ----------------------------------------------------------------------------------
     def begin(self, total_steps: int) -> None:

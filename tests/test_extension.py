@@ -754,3 +754,85 @@ def test_image_prompts_arrive_as_extra_base64(tiny_pipeline, fake_modules):
     with pytest.raises(CascadeHostError, match="image prompt 1 is not valid base64") as err:
         pipe.preprocess(_fake_p(cascade_image_prompts=["%%%"]), dict(args))
     assert err.value.status_code == 400
+
+
+def _b64_png(image) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _controlnet_folder(monkeypatch, root: Path) -> Path:
+    """The default rule: `<SD.Next models>/StableCascade/ControlNet` (SD.Next's modules.paths.models_path)."""
+    monkeypatch.setattr(sys.modules["modules"], "paths", SimpleNamespace(models_path=str(root)), raising=False)
+    folder = root / "StableCascade" / "ControlNet"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def test_controlnets_arrive_as_extra_by_name(tiny_pipeline, fake_modules, tmp_path, monkeypatch):
+    """`extra: {"cascade_controlnets": [{"model": name, "image": base64, "canny": [lo, hi], ...}]}` (issue 13): the
+    ControlNet is picked by name from `<model folder>/ControlNet`, the canny edges are computed from the photo, and
+    the image equals the engine's own request with that ControlNet (same pixels); strength 0 equals none; the
+    infotext gets the engine's ControlNet field."""
+    from cascade.controlnet import canny_edges
+    from cascade.request import build_request
+    from extension.host import SdnextHost
+
+    folder = _controlnet_folder(monkeypatch, tmp_path)
+    canny_file = tiny.write_tiny_controlnet(folder / "tiny_canny.safetensors", "canny")
+    tiny.write_tiny_controlnet(folder / "tiny_inpaint.safetensors", "inpainting")
+    photo = _picture(3, (128, 128))
+    args = {"prior_num_inference_steps": 3, "num_inference_steps": 2, "output_type": "pt", "width": 128, "height": 128}
+    pipe = StableCascadeSingleFilePipeline.from_engine(tiny_pipeline, host=SdnextHost("d.safetensors"))
+
+    def run(items):
+        p = _fake_p(cascade_controlnets=items)
+        call = dict(args)
+        pipe.preprocess(p, call)
+        return p, pipe(**call).images
+
+    item = {"model": "tiny_canny", "image": _b64_png(photo), "canny": [0.2, 0.6], "strength": 0.8, "end": 0.9}
+    p, controlled = run([item])
+    assert p.extra_generation_params["ControlNet"] == "tiny_canny 0.8 0-0.9"
+    engine = tiny_pipeline.generate(build_request(
+        prompt="a fox", width=128, height=128, seed=11, prior_steps=3, decoder_steps=2, prior_cfg=4.0,
+        controlnets=[(str(canny_file), canny_edges(photo, 0.2, 0.6), 0.8, 0.0, 0.9)])).images
+    torch.testing.assert_close(controlled, engine)
+    p, plain = run(None)
+    assert "ControlNet" not in p.extra_generation_params
+    assert not torch.equal(plain, controlled)
+    assert torch.equal(run([{**item, "strength": 0}])[1], plain)
+    lib = library.scan_library(folder.parent)  # the model folder's pairing leaves its ControlNet files alone
+    assert not lib.pairs and not lib.problems and {f.role for f in lib.files} == {"controlnet"}
+
+
+@pytest.mark.parametrize("item, message", [
+    ({"model": "nope"}, "no ControlNet named 'nope'.*known: tiny_canny, tiny_inpaint"),
+    ({"model": "CONTROLNET_PATH"}, "looks like a path; ControlNets are chosen by name only"),
+    ({"model": "../ControlNet/tiny_canny"}, "looks like a path"),
+    ({"model": "tiny_canny", "mask": "IMAGE"}, "only the inpainting one takes a mask"),
+    ({"model": "tiny_inpaint"}, "needs a \"mask\""),
+    ({"model": "tiny_canny", "strength": "lots"}, "strength 'lots' must be a number"),
+    ({"model": "tiny_canny", "canny": [0.9, 0.1]}, "canny thresholds 0.9, 0.1"),
+    ({"model": "tiny_canny", "image": "%%%"}, r"cascade_controlnets\[0\] image is not valid base64"),
+    ({"model": "tiny_canny", "file": "/etc/passwd"}, "unknown field"),
+])
+def test_bad_controlnet_items_are_400s(tiny_pipeline, fake_modules, tmp_path, monkeypatch, item, message):
+    """Unknown names list the known ones; a path instead of a name is refused, never opened; wrong types/values
+    name the item and field."""
+    from extension.host import SdnextHost
+
+    folder = _controlnet_folder(monkeypatch, tmp_path)
+    canny_file = tiny.write_tiny_controlnet(folder / "tiny_canny.safetensors", "canny")
+    tiny.write_tiny_controlnet(folder / "tiny_inpaint.safetensors", "inpainting")
+    image = _b64_png(_picture(1, (64, 64)))
+    item = {"image": image, **item}
+    item = {k: (str(canny_file) if v == "CONTROLNET_PATH" else image if v == "IMAGE" else v) for k, v in item.items()}
+    pipe = StableCascadeSingleFilePipeline.from_engine(tiny_pipeline, host=SdnextHost("d.safetensors"))
+    with pytest.raises(CascadeHostError, match=message) as err:
+        pipe.preprocess(_fake_p(cascade_controlnets=[item]), dict(SMALL))
+    assert err.value.status_code == 400
