@@ -102,6 +102,8 @@ def _write_checkpoints(models_dir: Path, outside: Path) -> None:
     tiny.write_comfyui_stage_b(outside / "stablecascade-decoder-only.safetensors", models)
     shutil.copytree(CORPUS, folder / "corpus", ignore=shutil.ignore_patterns("*.json"))  # issue 10's malformed files
     _write_loras(models_dir / "Lora", models)
+    (folder / "ControlNet").mkdir()  # the extension's rule: <its model folder>/ControlNet (extension/controlnet.py)
+    tiny.write_tiny_controlnet(folder / "ControlNet" / "tiny_canny.safetensors", "canny")
 
 
 def _lora_factors(out_dim: int, in_shape: tuple[int, ...], seed: int, rank: int = 4):
@@ -693,3 +695,27 @@ def test_install_py_does_nothing_when_everything_is_there(sdnext):
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "pip" not in (done.stdout + done.stderr).lower()
+
+
+def test_controlnet_by_name_in_extra(sdnext):
+    """Issue 13: `extra.cascade_controlnets` with a ControlNet of `models/StableCascade/ControlNet` picked by name
+    (canny edges computed from the photo) changes the image, deterministically, and the infotext records it; an
+    unknown name is a 4xx that lists the known names; a path is refused."""
+    from PIL import Image
+
+    photo = Image.new("RGB", (256, 256), (20, 20, 20))
+    photo.paste((230, 230, 230), (64, 64, 192, 192))
+    item = {"model": "tiny_canny", "image": _png(photo), "canny": True, "strength": 0.8}
+    plain = _pixels(sdnext.client.txt2img(prompt="a fox", **SMALL)[1]["images"][0])
+    runs = [sdnext.client.txt2img(prompt="a fox", extra={"cascade_controlnets": [item]}, **SMALL) for _ in range(2)]
+    assert all(status == 200 for status, _ in runs), runs
+    controlled = [_pixels(body["images"][0]) for _, body in runs]
+    assert controlled[0] == controlled[1] != plain
+    assert "ControlNet: tiny_canny 0.8 0-1" in json.loads(runs[0][1]["info"])["infotexts"][0]
+    status, body = sdnext.client.txt2img(prompt="a fox", extra={"cascade_controlnets": [{**item, "model": "nope"}]},
+                                         **SMALL)
+    assert 400 <= status < 500 and "no ControlNet named 'nope'" in _reason(body) and "tiny_canny" in _reason(body), body
+    path = str(sdnext.data / "models" / "StableCascade" / "ControlNet" / "tiny_canny.safetensors")
+    status, body = sdnext.client.txt2img(prompt="a fox", extra={"cascade_controlnets": [{**item, "model": path}]},
+                                         **SMALL)
+    assert 400 <= status < 500 and "looks like a path" in _reason(body), body
