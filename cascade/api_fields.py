@@ -70,12 +70,18 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 # Fields read by the host, not the engine.
 HOST_FIELDS = ("n_iter", "send_images", "sd_model_checkpoint", "override_settings", "extra", "force_task_id",
-               "sampler_index", "init_images", "include_init_images", "override_settings_restore_afterwards")
+               "sampler_index", "init_images", "include_init_images", "override_settings_restore_afterwards",
+               "controlnets")
 # Flat fields a JSON body may never set directly: they carry images, which a host decodes itself (a string there
 # could be taken for a file path, and no path from a request is ever opened).
 IMAGE_FIELDS = ("image", "decoder_image", "image_prompts")
 # Flat fields that hold file paths (LoRA files): never from a request body, for the same reason.
-PATH_FIELDS = ("loras", "controlnets")
+PATH_FIELDS = ("loras",)
+# ControlNets come by *name*: `controlnets` at the top level or `extra.cascade_controlnets` (SD.Next's spelling), a
+# list of {"model": name, "image": base64, ...}; the host finds the names in its own folder and decodes the images
+# (extension/controlnet.py), so they travel raw in ApiRequest.controlnets and are never flat fields here.
+CONTROLNETS = "controlnets"
+CONTROLNETS_OPTION = OPTION_PREFIX + CONTROLNETS
 MODEL_OPTION = "sd_model_checkpoint"
 
 
@@ -85,8 +91,8 @@ def option_key(name: str) -> str:
 
 
 def json_fields() -> tuple[str, ...]:
-    """The flat engine fields a JSON body may set by name (everything but the image inputs)."""
-    return tuple(n for n in request_field_names() if n not in IMAGE_FIELDS + PATH_FIELDS)
+    """The flat engine fields a JSON body may set by name (everything but the image, file and ControlNet inputs)."""
+    return tuple(n for n in request_field_names() if n not in IMAGE_FIELDS + PATH_FIELDS + (CONTROLNETS,))
 
 
 def options_to_fields(options: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -156,6 +162,8 @@ class ApiRequest:
     task_id: str | None = None
     init_images: tuple[str, ...] = ()
     ignored: tuple[str, ...] = field(default_factory=tuple)
+    controlnets: tuple[Any, ...] = ()  # the raw JSON items, for the host to resolve by name
+    controlnets_key: str = CONTROLNETS  # how the body spelled them (for error messages)
 
     @property
     def images(self) -> int:
@@ -211,7 +219,8 @@ def from_sdnext(body: Mapping[str, Any], *, img2img: bool = False, defaults: Map
         options = body.get(where) or {}
         if not isinstance(options, Mapping):
             raise InvalidRequestError(f"{where} must be a JSON object")
-        out.update(options_to_fields(options, where))
+        out.update(options_to_fields({k: v for k, v in options.items()
+                                      if not (where == "extra" and k == CONTROLNETS_OPTION)}, where))
         if where == "override_settings" and options.get(MODEL_OPTION):
             model = model or options[MODEL_OPTION]
     for key, name in table.items():
@@ -247,4 +256,22 @@ def from_sdnext(body: Mapping[str, Any], *, img2img: bool = False, defaults: Map
             raise InvalidRequestError(f"{len(init_images)} init_images: Stable Cascade starts from one image")
     elif init_images:
         raise InvalidRequestError("init_images were sent to txt2img; use /sdapi/v1/img2img")
-    return ApiRequest(out, n_iter, model or None, send_images, task_id, tuple(init_images), tuple(sorted(ignored)))
+    controlnets, controlnets_key = _controlnets(body)
+    return ApiRequest(out, n_iter, model or None, send_images, task_id, tuple(init_images), tuple(sorted(ignored)),
+                      controlnets, controlnets_key)
+
+
+def _controlnets(body: Mapping[str, Any]) -> tuple[tuple[Any, ...], str]:
+    """The ControlNet items of a body (top-level `controlnets` or `extra.cascade_controlnets`, not both)."""
+    extra = body.get("extra") or {}
+    given = [(key, value) for key, value in ((CONTROLNETS, body.get(CONTROLNETS)),
+                                             (CONTROLNETS_OPTION, extra.get(CONTROLNETS_OPTION)))
+             if value not in (None, [], ())]
+    if len(given) > 1:
+        raise InvalidRequestError(f"both {CONTROLNETS!r} and extra.{CONTROLNETS_OPTION} were given; give one of them")
+    if not given:
+        return (), CONTROLNETS
+    key, value = given[0]
+    if not isinstance(value, (list, tuple)):
+        raise InvalidRequestError(f"{key} must be a list of ControlNets: [{{\"model\": name, \"image\": base64}}]")
+    return tuple(value), key

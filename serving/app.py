@@ -139,6 +139,9 @@ def prepare_job(body: Any, kind: str, worker: Worker, defaults: dict[str, Any]) 
                                   "image (--max-image-pixels)")
     if api.init_images:
         fields["image"] = decode_image(api.init_images[0], config.max_image_pixels, config.max_body_bytes)
+    if api.controlnets:
+        fields["controlnets"] = worker.catalog.controlnets(api.controlnets, api.controlnets_key,
+                                                           config.max_image_pixels, config.max_body_bytes)
     model = worker.catalog.find(api.model or defaults.get("__model__"))
     requests = [build_request({**fields, "seed": api.iteration(k)["seed"]}) for k in range(api.n_iter)]
     job = Job(requests, model, kind, api.send_images, config.timeout_s)
@@ -155,8 +158,19 @@ def echo_parameters(body: Any) -> dict[str, Any]:
     for key, value in body.items():
         if key in ("init_images", "mask"):
             continue
-        out[key] = f"<str {len(value)}>" if isinstance(value, str) and len(value) >= 1000 else value
+        out[key] = _elided(value)
     return out
+
+
+def _elided(value: Any) -> Any:
+    """Long strings (the base64 images of ControlNet items too) as `<str N>`, at any depth."""
+    if isinstance(value, str) and len(value) >= 1000:
+        return f"<str {len(value)}>"
+    if isinstance(value, dict):
+        return {k: _elided(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_elided(v) for v in value]
+    return value
 
 
 # --- the app ------------------------------------------------------------------------------------------------------

@@ -87,6 +87,9 @@ def plan(path: Path, max_images: int = 1024) -> Iterator[Unit | BadLine]:
                 api = from_sdnext(body, draw_seed=lambda: line_seed(number, text))
                 if api.images > max_images:
                     raise CascadeError(f"{api.images} images on one line; at most {max_images}")
+                if api.controlnets:
+                    raise CascadeError(f"{api.controlnets_key}: ControlNets are not supported in batch jobs; send "
+                                       "the request to the server's /sdapi/v1/txt2img")
                 units = []
                 for k in range(api.n_iter):
                     fields = api.iteration(k)

@@ -78,6 +78,21 @@ class Catalog:
             out += [p for p in pairs if p.name != self.default.name]
         return out
 
+    def controlnets(self, items, key: str, max_pixels: int, max_bytes: int) -> tuple:
+        """A request's ControlNet items -> engine entries, the files found by name in `<--models-dir>/ControlNet`
+        only (extension/controlnet.py, the same rule and JSON as SD.Next's `extra.cascade_controlnets`)."""
+        if not items:
+            return ()
+        if not self.config.models_dir:
+            raise InvalidRequestError(f"{key}: this server has no ControlNet folder; start it with --models-dir DIR "
+                                      "and put the Stage C ControlNet files in DIR/ControlNet")
+        try:
+            from extension.controlnet import FOLDER, entries_from_json
+        except ImportError:
+            raise CascadeError("ControlNets need the repository checkout (extension/controlnet.py maps them)") from None
+        folder = Path(self.config.models_dir).expanduser() / FOLDER
+        return entries_from_json(list(items), folder, f"--models-dir's {FOLDER} folder", key, max_pixels, max_bytes)
+
     def find(self, name: str | None) -> ModelEntry:
         """The entry named `name` (None: the default). Anything that is not a listed name is refused (400)."""
         if name is None or name == "" or name == self.default.name:

@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -609,3 +610,80 @@ def test_batch_resumes_with_every_image_once(serve_deps, tmp_path):
 
     third = run_batch_jobs(jobs, out, config, quiet=True, report=said.append)
     assert third.made == 0 and third.skipped == 5 and len(manifest(out)) == 5
+
+
+def test_controlnets_by_name_from_the_models_folder(session, live, tmp_path):
+    """Issue 13: a ControlNet of `<--models-dir>/ControlNet`, picked by name in `controlnets` (or SD.Next's
+    `extra.cascade_controlnets`, the same image) with a base64 photo and canny on: the CLI's image for
+    `--controlnet FILE:canny=PHOTO:0.8`, recorded in the infotext; strength 0 is no ControlNet; an unknown name, a
+    path, both spellings at once or a server without a models folder answer 400 with the reason."""
+    from cascade import tiny
+    from cascade.cli import main
+    from serving.config import ServeConfig
+
+    folder = tmp_path / "models" / "ControlNet"
+    folder.mkdir(parents=True)
+    cnet = tiny.write_tiny_controlnet(folder / "tiny_canny.safetensors", "canny")
+    photo = Image.new("RGB", (128, 128), (20, 20, 20))
+    photo.paste((230, 230, 230), (32, 32, 96, 96))
+    photo.save(tmp_path / "photo.png")
+    buf = io.BytesIO()
+    photo.save(buf, "PNG")
+    item = {"model": "tiny_canny", "image": base64.b64encode(buf.getvalue()).decode(), "canny": True, "strength": 0.8}
+    base = {"prompt": "a lighthouse", "seed": 11, "cfg_scale": 6, **SMALL}
+    server, url, worker = _start(ServeConfig(device="cpu", models_dir=str(tmp_path / "models")), session)
+
+    def pixels(body):
+        status, _, out = txt2img(url, body)
+        assert status == 200, out
+        return np.asarray(decode_png(out["images"][0]).convert("RGB")), out
+
+    try:
+        controlled, out = pixels({**base, "controlnets": [item]})
+        assert "ControlNet: tiny_canny 0.8 0-1" in json.loads(out["info"])["infotexts"][0]
+        assert out["parameters"]["controlnets"][0]["model"] == "tiny_canny"  # echoed as SD.Next echoes bodies
+        np.testing.assert_array_equal(pixels({**base, "extra": {"cascade_controlnets": [item]}})[0], controlled)
+        plain = pixels(base)[0]
+        assert not np.array_equal(plain, controlled)
+        np.testing.assert_array_equal(pixels({**base, "controlnets": [{**item, "strength": 0}]})[0], plain)
+        cli = tmp_path / "cli.png"
+        assert main(["generate", "a lighthouse", "--out", str(cli), "--width", "128", "--height", "128", "--seed",
+                     "11", "--steps", "4", "--decoder-steps", "2", "--cfg", "6", "--device", "cpu", "--preset",
+                     "none", "--quiet", "--controlnet", f"{cnet}:canny={tmp_path / 'photo.png'}:0.8"]) == 0
+        np.testing.assert_array_equal(np.asarray(Image.open(cli).convert("RGB")), controlled)
+        for body, words in [({"controlnets": [{**item, "model": "nope"}]}, "no ControlNet named 'nope'.*tiny_canny"),
+                            ({"controlnets": [{**item, "model": str(cnet)}]}, "looks like a path"),
+                            ({"controlnets": [item], "extra": {"cascade_controlnets": [item]}}, "both"),
+                            ({"controlnets": {"model": "tiny_canny"}}, "must be a list"),
+                            ({"override_settings": {"cascade_controlnets": [item]}}, "not a Stable Cascade option"),
+                            ({"controlnets": [{**item, "start": 0.9, "end": 0.1}]}, "start 0.9 is after its end")]:
+            status, _, out = txt2img(url, {**base, **body})
+            assert status == 400 and re.search(words, out["detail"]), (body, out)
+            assert str(tmp_path) not in out["detail"].replace(str(cnet), "")  # only the client's own text
+        (folder / "not_a_cnet.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+        status, _, out = txt2img(url, {**base, "controlnets": [{**item, "model": "not_a_cnet"}]})
+        assert status == 422 and "not_a_cnet" in out["detail"], out  # an unusable file of the folder
+    finally:
+        server.__exit__(None, None, None)
+    status, _, out = txt2img(live[0], {**base, "controlnets": [item]})
+    assert status == 400 and "--models-dir" in out["detail"], out
+
+
+def test_echoed_parameters_elide_long_strings_at_any_depth(serve_deps):
+    """SD.Next's `parameters` echo shows long strings as `<str N>`; a ControlNet item's base64 image too."""
+    from serving.app import echo_parameters
+
+    echoed = echo_parameters({"prompt": "p" * 1000, "controlnets": [{"model": "c", "image": "x" * 2000}],
+                              "init_images": ["y"]})
+    assert echoed == {"prompt": "<str 1000>", "controlnets": [{"model": "c", "image": "<str 2000>"}]}
+
+
+def test_batch_lines_with_controlnets_are_refused_not_ignored(tmp_path):
+    """Batch jobs have no ControlNet folder: a line with ControlNets is a bad line with the reason (never an image
+    made without them)."""
+    from serving.batch import BadLine, plan
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"prompt": "a", "seed": 1, "extra": {"cascade_controlnets": [{"model": "c"}]}}) + "\n")
+    (line,) = list(plan(jobs))
+    assert isinstance(line, BadLine) and "cascade_controlnets" in line.error and "not supported in batch" in line.error
