@@ -45,7 +45,9 @@ def spec_from_args(args: argparse.Namespace) -> PipelineSpec:
 def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     """The request the flags describe (argparse dests are the request's flat field names), images opened and
     checked, seeds made concrete so the output names are known before anything loads."""
+    from .controlnet import entry_from_spec
     from .images import load_image
+    from .lora import read_lora
 
     fields = {name: getattr(args, name) for name in request_field_names() if hasattr(args, name)}
     for name, what in IMAGE_FLAGS.items():
@@ -55,13 +57,9 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
                                     for i, p in enumerate(fields.get("image_prompts") or ()))
     if getattr(args, "preview", None) or getattr(args, "preview_dir", None):
         fields["preview_every"] = args.preview_every
-    from .lora import read_lora
-
     fields["loras"] = tuple(fields.get("loras") or ())
     for path, _, _ in fields["loras"]:
         read_lora(path)  # a missing file, not a LoRA, another family's or an unsupported type: before any load
-    from .controlnet import entry_from_spec
-
     fields["controlnets"] = tuple(entry_from_spec(s) for s in fields.get("controlnets") or ())
     return build_request(fields).with_seed()
 
@@ -171,8 +169,10 @@ def generate_to_files(args: argparse.Namespace) -> list[tuple[Path, int]]:
     """Run `generate`: everything the user could have got wrong is checked before the first weight loads."""
     from . import presets
     from .infotext import build_infotext, check_output_target, save_png
+    from .lora import infotext_fields
     from .pipeline import to_pil
     from .session import open_pipeline, select_backend
+    from .side_parts import check_side_files
 
     t_start = time.perf_counter()
     spec = spec_from_args(args)
@@ -184,8 +184,6 @@ def generate_to_files(args: argparse.Namespace) -> list[tuple[Path, int]]:
         check_output_target(target)
     if preview_dir is not None:
         preview_dir.mkdir(parents=True, exist_ok=True)
-    from .side_parts import check_side_files
-
     check_side_files(spec.side_files())  # --stage-c-encoder / --clip-vision / --previewer: headers, before loading
     backend = select_backend(spec.device)
     if spec.is_tiny:
@@ -211,8 +209,6 @@ def generate_to_files(args: argparse.Namespace) -> list[tuple[Path, int]]:
     names = checkpoint_names(session, args)
     extra = {"Preset": preset} if preset else {}
     extra["Offload"] = session.placement_name
-    from .lora import infotext_fields
-
     extra.update(infotext_fields(entry[0] for entry in result.request.loras))
     written = []
     for image, seed, path in zip(to_pil(result.images), result.seeds, targets):
