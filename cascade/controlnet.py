@@ -585,6 +585,25 @@ def entry_from_spec(text: str) -> ControlEntry:
     return ControlEntry(path, picture, strength, start, end, mask_image)
 
 
+SR_COMPRESSION = 32.0  # ComfyUI StableCascade_SuperResolutionControlnet: Stage C latent = input // 16 = output // 32
+
+
+def super_resolution_size(entries: Sequence[Any]) -> tuple[int, int] | None:
+    """(width, height) of the 2x output for the first super-resolution ControlNet's image, as ComfyUI's
+    StableCascade_SuperResolutionControlnet makes it (Stage B latent input // 2, so the image doubles), with the
+    input cropped to multiples of 64 so the output is a multiple of 128; None without such a ControlNet."""
+    for item in entries:
+        entry = as_entry(item)
+        if scan_controlnet(entry.path).kind != "super-resolution":
+            continue
+        width, height = entry.image.size
+        if min(width, height) < 64:
+            raise CascadeError(f"the super-resolution ControlNet image is {width}x{height}; it needs at least 64x64 "
+                               "pixels (the output is twice its size, in multiples of 128)")
+        return 2 * (width // 64 * 64), 2 * (height // 64 * 64)
+    return None
+
+
 def infotext_value(entries: Sequence[Any]) -> str:
     """The infotext "ControlNet" field: `name strength start-end` per ControlNet, `; ` between them."""
     out = []

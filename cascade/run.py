@@ -45,7 +45,7 @@ def spec_from_args(args: argparse.Namespace) -> PipelineSpec:
 def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     """The request the flags describe (argparse dests are the request's flat field names), images opened and
     checked, seeds made concrete so the output names are known before anything loads."""
-    from .controlnet import entry_from_spec
+    from .controlnet import SR_COMPRESSION, entry_from_spec, super_resolution_size
     from .images import load_image
     from .lora import read_lora
 
@@ -61,6 +61,11 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     for path, _, _ in fields["loras"]:
         read_lora(path)  # a missing file, not a LoRA, another family's or an unsupported type: before any load
     fields["controlnets"] = tuple(entry_from_spec(s) for s in fields.get("controlnets") or ())
+    doubled = super_resolution_size(fields["controlnets"])
+    if doubled is not None:  # a super-resolution ControlNet: twice its image, unless the size was typed
+        given = getattr(args, "given", frozenset())
+        sr = {"width": doubled[0], "height": doubled[1], "compression": SR_COMPRESSION}
+        fields.update({k: v for k, v in sr.items() if k not in given})
     return build_request(fields).with_seed()
 
 

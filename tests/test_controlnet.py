@@ -428,6 +428,23 @@ def test_cli_generates_with_two_stacked_controlnets_on_the_tiny_model(tmp_path, 
     assert params["ControlNet"] == "tiny_canny 0.8 0-0.5; tiny_inpainting 0.4 0-1"
 
 
+def test_cli_super_resolution_doubles_its_image_unless_a_size_is_typed(tmp_path, cnet_files, capsys):
+    """ComfyUI's StableCascade_SuperResolutionControlnet: the output is twice the input (Stage C latent = input // 16,
+    i.e. compression 32 of the output); the input is cropped to multiples of 64 so the output is one of 128."""
+    from cascade.cli import main
+    from cascade.infotext import parse_infotext
+
+    small = tmp_path / "small.png"
+    Image.new("RGB", (140, 70), (90, 140, 200)).save(small)
+    base = ["generate", "x", "--steps", "2", "--decoder-steps", "1", "--device", "cpu", "--quiet", "--controlnet",
+            f"{cnet_files['super-resolution']}:{small}"]
+    assert main([*base, "--out", str(tmp_path / "sr.png")]) == 0, capsys.readouterr().err
+    image = Image.open(tmp_path / "sr.png")
+    assert image.size == (256, 128) and parse_infotext(image.text["parameters"])["Compression"] == "32"
+    assert main([*base, "--width", "384", "--out", str(tmp_path / "typed.png")]) == 0, capsys.readouterr().err
+    assert Image.open(tmp_path / "typed.png").size == (384, 128)
+
+
 @pytest.mark.parametrize("spec,message", [
     ("{missing}:{photo}", "no such file"),
     ("{sd15}:{photo}", "ControlNet for Stable Diffusion"),
