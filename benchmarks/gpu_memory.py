@@ -542,7 +542,7 @@ def cuda_like_backend():
 def check_layout(args) -> int:
     """Full-size files written header-only (sparse zeros): detection, sizes and plans exactly as the real run sees
     them, and (with --load) every part loaded on the CPU through the real loader."""
-    from cascade.engine import choose_dtypes
+    from cascade.precision import choose_dtypes
     from cascade.loader import load_part, resolve_sources
     from cascade.memory import format_plan, make_plan, parse_size
     from cascade.sizing import full_size, sizes_from_sources
@@ -625,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from cascade_backends import select_backend
-    from cascade.engine import choose_dtypes
+    from cascade.precision import choose_dtypes
     from cascade.loader import resolve_sources
     from cascade.memory import parse_size
     from cascade.sizing import sizes_from_sources

@@ -127,11 +127,10 @@ def direct_vs_api(port: int, pairs: int) -> dict:
     from cascade.request import build_request
     from cascade.session import PipelineSpec, open_pipeline
     from serving.render import infotexts_for, png_bytes
-    from serving.worker import model_names
 
     torch.set_num_threads(1)
     session = open_pipeline(PipelineSpec(device="cpu"))
-    names = model_names(session)
+    names = session.model_names()
 
     def direct(seed: int) -> float:
         t0 = time.perf_counter()

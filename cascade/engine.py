@@ -1,6 +1,6 @@
 """Loading the components of a resolved `Sources` into a `CascadePipeline` (the step `cascade.session` runs).
 
-The backend decides dtypes per stage (Stage C bf16 where native, else fp32 — never fp16 unless asked; Stage B
+cascade.precision decides dtypes per stage (Stage C bf16 where native, else fp32 — never fp16 unless asked; Stage B
 bf16/fp16) and where things run; the placement (cascade.memory) decides what is resident when.
 """
 
@@ -14,32 +14,11 @@ from typing import Callable
 
 import torch
 
-from .errors import InvalidRequestError
 from .loader import Sources, load_part
 from .names import COMPONENT_OF_PART
 from .pipeline import CascadePipeline, Placement, Resident
 
 log = logging.getLogger(__name__)
-
-_DTYPE_NAMES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """'auto'/None -> None (backend policy); 'bf16', 'fp16', 'fp32' -> torch dtypes."""
-    if name is None or name == "auto":
-        return None
-    try:
-        return _DTYPE_NAMES[name.lower()]
-    except KeyError:
-        raise InvalidRequestError(f"unknown dtype {name!r}; use auto, bf16, fp16 or fp32") from None
-
 
 @dataclass
 class LoadReport:
@@ -48,18 +27,6 @@ class LoadReport:
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-def choose_dtypes(backend, requested: torch.dtype | None) -> dict[str, torch.dtype]:
-    """Per-component dtypes from the precision policy (cascade.precision); `requested` applies to the two UNets only."""
-    from .precision import dtype_for
-
-    return {
-        "text_encoder": dtype_for(backend, "text_encoder"),
-        "prior": dtype_for(backend, "prior", requested),
-        "decoder": dtype_for(backend, "decoder", requested),
-        "vqgan": dtype_for(backend, "vqgan"),
-    }
 
 
 def load_components(

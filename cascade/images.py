@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InvalidRequestError
+from .request import REQUEST_MAX_BYTES, REQUEST_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,8 @@ def clip_vision_input(pixels: torch.Tensor, size: int, mean=None, std=None, crop
     return (image - mean) / std
 
 
-def decode_base64_image(data: str, max_pixels: int, max_bytes: int, what: str = "init image"):
+def decode_base64_image(data: str, max_pixels: int = REQUEST_MAX_PIXELS, max_bytes: int = REQUEST_MAX_BYTES,
+                        what: str = "init image"):
     """A base64 image from a request (a `data:image/...;base64,` prefix allowed) -> PIL, within the size limits.
     The pixel count is checked from the header before the pixels are decoded (no decompression bombs). The server
     and the SD.Next extension (per-request image prompts) both decode request images here."""

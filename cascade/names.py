@@ -15,6 +15,8 @@ COMPONENTS: tuple[str, ...] = ("text_encoder", "prior", "decoder", "vqgan")
 COMPONENT_OF_PART: dict[str, str] = {"text_encoder": "text_encoder", "prior": "prior", "decoder": "decoder",
                                      "stage_a": "vqgan"}
 STAGES: tuple[str, ...] = ("prior", "decoder")  # the two sampled stages
+# Noise streams (cascade.sampling.StageNoise): "cpu" = image i from seed + i on any device; "comfyui" = ComfyUI's.
+NOISE_MODES: tuple[str, ...] = ("cpu", "comfyui")
 
 # canonical ComfyUI name -> (display title as SD.Next/A1111 write it, other accepted spellings)
 SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {

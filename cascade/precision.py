@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
+from .errors import InvalidRequestError
 from .names import COMPONENTS
 
 if TYPE_CHECKING:
@@ -106,3 +107,31 @@ def advice(backend: "Backend") -> "Advice":
 def _check_component(component: str) -> None:
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; expected one of {COMPONENTS}")
+
+
+_DTYPE_NAMES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """'auto'/None -> None (backend policy); 'bf16', 'fp16', 'fp32' -> torch dtypes."""
+    if name is None or name == "auto":
+        return None
+    try:
+        return _DTYPE_NAMES[name.lower()]
+    except KeyError:
+        raise InvalidRequestError(f"unknown dtype {name!r}; use auto, bf16, fp16 or fp32") from None
+
+
+def choose_dtypes(backend: "Backend", requested: str | torch.dtype | None = None) -> dict[str, torch.dtype]:
+    """Per-component compute dtypes on `backend`: the policy above, with `requested` (a torch dtype or a name:
+    auto, bf16, fp16, fp32) for the two UNets only."""
+    requested = requested if isinstance(requested, torch.dtype) else parse_dtype(requested)
+    return {component: dtype_for(backend, component, requested if component in ("prior", "decoder") else None)
+            for component in COMPONENTS}

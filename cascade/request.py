@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import InvalidRequestError
+from .names import NOISE_MODES
 
 SIZE_MULTIPLE = 128
 MAX_SIDE = 4096
@@ -28,6 +29,8 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range (and ComfyUI's seed 
 MAX_CFG = 100.0  # ComfyUI's KSampler limit; far beyond it the guided prediction overflows to a black image
 MAX_SHIFT = 100.0
 MAX_STAGE_A_SCALE = 10.0
+REQUEST_MAX_PIXELS = MAX_SIDE * MAX_SIDE  # default bound on an image sent in a request (the largest output)
+REQUEST_MAX_BYTES = 32 << 20  # default bound on a request image's encoded size
 MAX_UPSCALE = 4  # Stage B at upscale x the request's size; the output side stays <= MAX_SIDE
 MAX_IMAGE_PROMPTS = 16  # each adds 4 tokens to Stage C's context
 IMAGE_PROMPT_STRENGTH_RANGE = (-10.0, 10.0)  # ComfyUI unCLIPConditioning's strength widget
@@ -220,9 +223,6 @@ def _lora_problems(request: GenerationRequest) -> list[str]:
                 problems.append(f"LoRA {i + 1} {what} {w!r} must be a number from -{MAX_LORA_WEIGHT:g} to "
                                 f"{MAX_LORA_WEIGHT:g}")
     return problems
-
-
-NOISE_MODES = ("cpu", "comfyui")  # cascade.sampling.NOISE_MODES (kept import-free here)
 
 
 def _reproduction_problems(request: GenerationRequest) -> list[str]:

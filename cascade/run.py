@@ -149,18 +149,6 @@ def _hash_bar(args: argparse.Namespace, name: str):
     return on_progress
 
 
-def checkpoint_names(session, args: argparse.Namespace) -> dict[str, str]:
-    """Infotext names and AutoV2 hashes of the two checkpoints (hashes cached by path, size and mtime)."""
-    from .infotext import short_hash
-    from .paths import hash_cache_file
-
-    names = session.model_names()
-    cache = hash_cache_file()
-    for key, path in (("prior_hash", session.prior_path), ("decoder_hash", session.decoder_path)):
-        names[key] = short_hash(path, cache, on_progress=_hash_bar(args, Path(path).name))
-    return names
-
-
 def _preset(args: argparse.Namespace, session) -> str | None:
     from . import presets
 
@@ -211,7 +199,7 @@ def generate_to_files(args: argparse.Namespace) -> list[tuple[Path, int]]:
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
 
-    names = checkpoint_names(session, args)
+    names = session.model_names(on_progress=lambda name: _hash_bar(args, name))
     extra = {"Preset": preset} if preset else {}
     extra["Offload"] = session.placement_name
     extra.update(infotext_fields(entry[0] for entry in result.request.loras))
@@ -227,7 +215,8 @@ def generate_to_files(args: argparse.Namespace) -> list[tuple[Path, int]]:
 def plan_for_args(args: argparse.Namespace):
     """The plan `generate` would make for these flags: header sizes of the given files, or the official models'
     from the shipped table; the dtypes `generate` would use on this device unless --dtype says otherwise."""
-    from .session import choose_dtypes, open_sources, plan_for_sizes, select_backend
+    from .precision import choose_dtypes
+    from .session import open_sources, plan_for_sizes, select_backend
     from .sizing import full_size, sizes_from_sources
 
     request = build_request(prompt="", width=args.width, height=args.height, batch_size=args.batch_size,

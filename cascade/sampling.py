@@ -369,7 +369,7 @@ def initial_noise_scale(sigmas: Tensor | Sequence[float]) -> float:
 # Names: one table for the CLI, SD.Next, the server and the infotext (cascade.names); re-exported here because
 # `cascade.sampling.resolve_sampler` is public.
 from .names import SAMPLERS as _SAMPLER_TABLE  # noqa: E402
-from .names import resolve_sampler, resolve_scheduler  # noqa: E402,F401
+from .names import NOISE_MODES, resolve_sampler, resolve_scheduler  # noqa: E402,F401 - re-exported
 
 SAMPLERS: tuple[str, ...] = tuple(_SAMPLER_TABLE)
 
@@ -479,7 +479,6 @@ class BrownianTreeNoise:
         return (w / (b - a).abs().sqrt().to(self.device)).to(self.dtype)
 
 
-NOISE_MODES: tuple[str, ...] = ("cpu", "comfyui")
 SDE_SAMPLERS = frozenset({"dpmpp_2m_sde", "dpmpp_sde"})  # Brownian-tree noise in ComfyUI
 
 

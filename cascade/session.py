@@ -82,9 +82,18 @@ class Session:
     def placement_name(self) -> str:
         return getattr(self.pipeline.placement, "name", "resident")
 
-    def model_names(self) -> dict[str, str]:
-        """Display names of the two checkpoints, for the infotext."""
-        return {"prior_name": self.sources.prior_checkpoint.name, "decoder_name": self.sources.decoder_checkpoint.name}
+    def model_names(self, on_progress: Callable[[str], Callable[[int, int], None] | None] | None = None) -> dict[str, str]:
+        """Display names and A1111/SD.Next short hashes of the two checkpoints, for the infotext. Hashes are cached by
+        path, size and mtime (cascade.infotext.short_hash); `on_progress(file name)` may give a progress callback for
+        a file that is actually read (the first time only)."""
+        from .infotext import short_hash
+        from .paths import hash_cache_file
+
+        names = {"prior_name": self.sources.prior_checkpoint.name, "decoder_name": self.sources.decoder_checkpoint.name}
+        for key, path in (("prior_hash", self.prior_path), ("decoder_hash", self.decoder_path)):
+            progress = on_progress(Path(path).name) if on_progress is not None else None
+            names[key] = short_hash(path, hash_cache_file(), on_progress=progress)
+        return names
 
 
 def select_backend(device: str | None):
@@ -117,13 +126,6 @@ def open_sources(spec: PipelineSpec):
 
     prior, decoder = resolve_paths(spec)
     return prior, decoder, resolve_sources(prior, decoder, text_encoder=spec.text_encoder, stage_a=spec.stage_a)
-
-
-def choose_dtypes(backend, dtype: str | torch.dtype | None) -> dict[str, torch.dtype]:
-    """Per-component compute dtypes: the backend policy, with `dtype` for the two UNets when given."""
-    from .engine import choose_dtypes as policy, parse_dtype
-
-    return policy(backend, parse_dtype(dtype) if not isinstance(dtype, torch.dtype) else dtype)
 
 
 def plan_memory(sources, backend, dtypes: dict[str, torch.dtype], request: GenerationRequest | None = None,
@@ -170,6 +172,7 @@ def open_pipeline(
     """Open a pipeline for `spec`. `backend`/`placement`: a host's own (SD.Next); `request`: what the memory plan
     is made for (it degrades on OOM later); `on_load`: called before and after each component loads."""
     from .engine import load_components
+    from .precision import choose_dtypes
 
     backend = backend or select_backend(spec.device)
     prior, decoder, sources = open_sources(spec)

@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cascade.errors import CascadeError, InvalidRequestError
+from cascade.request import REQUEST_MAX_BYTES as MAX_BYTES, REQUEST_MAX_PIXELS as MAX_PIXELS
 
 FOLDER = "ControlNet"  # the subfolder of the model folder
 EXTRA_KEY = "cascade_controlnets"  # SD.Next `extra` key (and the server's `extra` spelling)
 ITEM_KEYS = ("model", "image", "mask", "canny", "strength", "start", "end")
-MAX_PIXELS = 4096 * 4096  # SD.Next: the same limits as the per-request image prompts (extension/params.py)
-MAX_BYTES = 32 << 20
 
 
 def folder_files(folder: Path | None) -> dict[str, Path]:

@@ -8,8 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from cascade.names import SAMPLER_TITLES, SCHEDULER_TITLES
-from cascade.request import NOISE_MODES
+from cascade.names import NOISE_MODES, SAMPLER_TITLES, SCHEDULER_TITLES
 
 from .library import AUTOMATIC
 from .params import OPTION_KEYS, CascadeSettings

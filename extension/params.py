@@ -10,14 +10,14 @@ Stage A scale) comes from the extension's settings, overridable per request.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Sequence
 
 from cascade.api_fields import resolve_seed, sdnext_cfg as api_sdnext_cfg
 from cascade.errors import InvalidRequestError
 from cascade.names import DEFAULT_NAME, UnknownNameError, resolve_sampler, resolve_scheduler
-from cascade.request import MAX_SEED, SIZE_MULTIPLE, STAGE_A_SCALE, StageSettings, default_decoder, default_prior
+from cascade.request import (REQUEST_MAX_BYTES, REQUEST_MAX_PIXELS, SIZE_MULTIPLE, STAGE_A_SCALE, StageSettings,
+                             default_decoder, default_prior)
 
 
 
@@ -156,7 +156,7 @@ def number(value: Any, key: str) -> float:
     return out
 
 
-def decode_image_prompts(value: Any, max_pixels: int = 4096 * 4096, max_bytes: int = 32 << 20) -> tuple:
+def decode_image_prompts(value: Any, max_pixels: int = REQUEST_MAX_PIXELS, max_bytes: int = REQUEST_MAX_BYTES) -> tuple:
     """`extra: {"cascade_image_prompts": [base64, ...]}` -> PIL images (a request never names files)."""
     from cascade.images import decode_base64_image
 

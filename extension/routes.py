@@ -68,7 +68,8 @@ def plan_json(lib: library.Library, model: str | None, width: int, height: int, 
     from cascade import memory
     from cascade.loader import resolve_sources
     from cascade.request import build_request
-    from cascade.session import choose_dtypes, plan_for_sizes
+    from cascade.precision import choose_dtypes
+    from cascade.session import plan_for_sizes
     from cascade.sizing import sizes_from_sources
 
     from .loader import requested_dtype

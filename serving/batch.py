@@ -180,13 +180,12 @@ class Renderer:
         from cascade.session import open_pipeline
 
         from .render import infotexts_for, png_bytes
-        from .worker import model_names
 
         entry = self.catalog.find(unit.model)
         if entry != self.entry:
             self.session, self.entry = None, None
             self.session = open_pipeline(entry.spec(self.config))
-            self.entry, self.names = entry, model_names(self.session)
+            self.entry, self.names = entry, self.session.model_names()
         t0 = time.monotonic()
         result = self.session.pipeline.generate(build_request(unit.fields))
         text = infotexts_for(result, self.names)[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cascade.errors import CascadeError
+from cascade.request import REQUEST_MAX_BYTES, REQUEST_MAX_PIXELS
 
 DEFAULT_HOST = "127.0.0.1"  # loopback unless asked: SD.Next's own default is to listen locally too
 DEFAULT_PORT = 7861
@@ -26,8 +27,8 @@ class ServeConfig:
     timeout_s: float = 600.0  # per request, queue wait included; past it: stopped at the next step, 504
     api_auth: tuple[tuple[str, str], ...] = ()  # --api-auth user:pass[,user2:pass2] (SD.Next's flag), HTTP Basic
     api_tokens: tuple[str, ...] = ()  # --api-token T: "Authorization: Bearer T"
-    max_body_bytes: int = 32 * 1024 * 1024  # request bodies (base64 images included)
-    max_image_pixels: int = 4096 * 4096  # a decoded init image, and width x height of a request
+    max_body_bytes: int = REQUEST_MAX_BYTES  # request bodies (base64 images included)
+    max_image_pixels: int = REQUEST_MAX_PIXELS  # a decoded init image, and width x height of a request
     max_images: int = 16  # images per request (batch_size x n_iter)
     max_prompt_chars: int = 20000  # per prompt: each 75 tokens is one more text-encoder pass and cross-attention block
     torch_threads: int | None = None  # per process (Ray replicas on one machine share its cores)

@@ -133,7 +133,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._job_seconds = 0.0  # moving average, for Retry-After
         if session is not None:
-            self.session, self.entry, self.names = session, self.catalog.default, model_names(session)
+            self.session, self.entry, self.names = session, self.catalog.default, session.model_names()
 
     # --- life cycle ---------------------------------------------------------------------------------------------
     def start(self) -> "Worker":
@@ -297,7 +297,7 @@ class Worker:
         session = open_pipeline(entry.spec(self.config))
         self.metrics.load_seconds.observe(time.monotonic() - t0)
         self.session, self.entry = session, entry
-        self.names = model_names(session)
+        self.names = session.model_names()
         for note in session.notes:
             log.info("note: %s", note)
 
@@ -326,15 +326,3 @@ class Worker:
                 raise
         return self.render(results, self.names, self.entry.name, interrupted=interrupted,
                            send_images=job.send_images, seconds=time.monotonic() - t0)
-
-
-def model_names(session) -> dict[str, str]:
-    """Names and A1111 short hashes of the two checkpoint files, for the infotext (hashes cached by size/mtime)."""
-    from cascade.infotext import short_hash
-    from cascade.paths import hash_cache_file
-
-    names = dict(session.model_names())
-    cache = hash_cache_file()
-    names["prior_hash"] = short_hash(session.prior_path, cache)
-    names["decoder_hash"] = short_hash(session.decoder_path, cache)
-    return names

@@ -106,7 +106,7 @@ def tiny_plan(tiny_pair, monkeypatch, budget: int, mode: str = "auto", activatio
     monkeypatch.setattr(memory, "MARGIN_FIXED", 0)
     monkeypatch.setattr(memory, "MARGIN_FRACTION", 0.0)
     from cascade_backends import select_backend
-    from cascade.session import choose_dtypes
+    from cascade.precision import choose_dtypes
 
     # the dtypes `load_with` loads at (fp32 UNets; the text encoder at the CPU backend's own choice)
     sizes = sizes_from_sources(resolve_sources(*tiny_pair), choose_dtypes(select_backend("cpu"), torch.float32))
