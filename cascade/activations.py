@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from . import configs
-from .names import COMPONENTS as PHASES  # the pipeline phases are its components, in execution order
 from .checkpoints import DECODER, PRIOR, STAGE_A, TEXT_ENCODER
 from .memtrace import peak_activation_bytes
 

@@ -431,15 +431,14 @@ class CascadePipeline:
             control = schedule_for(self, request)
         denoiser = cfg_denoiser(self.prior, cond_kw, uncond_kw, request.prior.cfg, request.cfg_rescale, control)
         init = images.init if images is not None else None
-        if request.preview_every <= 0 or callback is None:
-            return self._sample_stage("prior", denoiser, request.prior, shape, request.seeds, callback, interrupt, init,
-                                      noise=request.noise)
-        from . import previews
-        from .side_parts import PREVIEWER
-
         with contextlib.ExitStack() as stack:
-            previewer = stack.enter_context(self.side.on_device(PREVIEWER)) if self.side.has(PREVIEWER) else None
-            make = lambda d: previews.preview_image(d, "prior", previewer)  # noqa: E731
+            make = None
+            if request.preview_every > 0 and callback is not None:  # the previewer is on the device only meanwhile
+                from . import previews
+                from .side_parts import PREVIEWER
+
+                previewer = stack.enter_context(self.side.on_device(PREVIEWER)) if self.side.has(PREVIEWER) else None
+                make = lambda d: previews.preview_image(d, "prior", previewer)  # noqa: E731
             return self._sample_stage("prior", denoiser, request.prior, shape, request.seeds, callback, interrupt,
                                       init, make, request.preview_every, noise=request.noise)
 
