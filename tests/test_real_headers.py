@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -33,10 +34,9 @@ from cascade.errors import CorruptFileError
 from cascade.loader import instantiate, keymap_for, load_part, resolve_sources
 from cascade.memory import default_dtypes
 from cascade.sizing import full_size, sizes_from_sources
+from cascade.tensorfile import ITEMSIZE, torch_dtype
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "headers" / "published.json.gz"
-ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "I64": 8}
-TORCH_DTYPE = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64}
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,15 +44,8 @@ def published() -> dict[str, dict]:
     return json.loads(gzip.decompress(FIXTURES.read_bytes()))["files"]
 
 
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def file_bytes(name: str) -> int:
-    return sum(_numel(s) * ITEMSIZE[d] for _, s, d in published()[name]["tensors"])
+    return sum(math.prod(s) * ITEMSIZE[d] for _, s, d in published()[name]["tensors"])
 
 
 def write_sparse(path: Path, rows: list[list], fill: dict[str, torch.Tensor] | None = None) -> Path:
@@ -60,7 +53,7 @@ def write_sparse(path: Path, rows: list[list], fill: dict[str, torch.Tensor] | N
     tensors named in `fill` are written for real."""
     header, offset = {}, 0
     for key, shape, dtype in rows:
-        n = _numel(shape) * ITEMSIZE[dtype]
+        n = math.prod(shape) * ITEMSIZE[dtype]
         header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -309,7 +302,7 @@ def test_small_published_files_load_every_tensor(tmp_path, name):
         if dtype == "I64":
             data[key] = torch.randint(0, 1000, shape, generator=gen, dtype=torch.int64)
         else:
-            data[key] = (torch.rand(shape, generator=gen) + 0.5).to(TORCH_DTYPE[dtype])  # positive: BN variances
+            data[key] = (torch.rand(shape, generator=gen) + 0.5).to(torch_dtype(dtype))  # positive: BN variances
     path = write_sparse(tmp_path / name, rows, fill=data)
     if "config" in published()[name]:
         (path.parent / "config.json").write_text(json.dumps(published()[name]["config"]))

@@ -37,12 +37,14 @@ import argparse
 import gzip
 import importlib
 import json
+import math
 import subprocess
 import sys
 import types
 from pathlib import Path
 
 DTYPE_CODES = {"torch.float32": "F32", "torch.int64": "I64", "torch.float16": "F16", "torch.bfloat16": "BF16"}
+ITEMSIZE = {"F32": 4, "I64": 8, "F16": 2, "BF16": 2}  # bytes per element of those codes
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "headers"
 
 # diffusers scripts/convert_stable_cascade.py and convert_stable_cascade_lite.py (the published config.json values).
@@ -277,19 +279,8 @@ def write(fixtures: dict[str, dict], out: Path) -> None:
     with open(out / "published.json.gz", "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0, compresslevel=9) as z:
         z.write(raw)
     for name, fx in sorted(fixtures.items()):
-        nbytes = sum(_itemsize(d) * _numel(s) for _, s, d in fx["tensors"])
+        nbytes = sum(ITEMSIZE[d] * math.prod(s) for _, s, d in fx["tensors"])
         print(f"{name:72s} {len(fx['tensors']):5d} tensors {nbytes / 1e9:8.3f} GB")
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(code: str) -> int:
-    return {"F32": 4, "I64": 8, "F16": 2, "BF16": 2}[code]
 
 
 def main(argv: list[str] | None = None) -> int:
