@@ -29,6 +29,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from cascade.api_fields import sdnext_cfg
 from cascade.pipeline import StepEvent
 from cascade.request import default_decoder, default_prior
 
@@ -101,9 +102,9 @@ class SdnextHost(PipelineHost):
                                     args.get("height", getattr(p, "height", None)),
                                     getattr(p, params.REQUESTED_SIZE_ATTR, None))
         # SD.Next passes a CFG only when it is > -1; read p's field otherwise, so -1 means the default and -5 is refused.
-        prior_cfg = params.sdnext_cfg(args.get("prior_guidance_scale", getattr(p, "cfg_scale", None)),
+        prior_cfg = sdnext_cfg(args.get("prior_guidance_scale", getattr(p, "cfg_scale", None)),
                                       default_prior().cfg, "CFG scale (cfg_scale)")
-        decoder_cfg = params.sdnext_cfg(args.get("decoder_guidance_scale", getattr(p, "cfg_image", None)),
+        decoder_cfg = sdnext_cfg(args.get("decoder_guidance_scale", getattr(p, "cfg_image", None)),
                                         default_decoder().cfg, "decoder CFG (cfg_image, 'Refine guidance')")
         prior = params.prior_stage(args.get("prior_num_inference_steps", p.steps), prior_cfg, p.sampler_name, settings)
         decoder = params.decoder_stage(args.get("num_inference_steps", p.refiner_steps), decoder_cfg, settings)

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Sequence
 
-from cascade.api_fields import resolve_seed, sdnext_cfg as api_sdnext_cfg
+from cascade.api_fields import resolve_seed
 from cascade.errors import InvalidRequestError
 from cascade.names import DEFAULT_NAME, UnknownNameError, resolve_sampler, resolve_scheduler
 from cascade.request import (REQUEST_MAX_BYTES, REQUEST_MAX_PIXELS, SIZE_MULTIPLE, STAGE_A_SCALE, StageSettings,
@@ -177,12 +177,6 @@ def resolve_seeds(seeds: Sequence[Any], draw: Callable[[], int] | None = None) -
     random, drawn here so the seed used can be reported; any other negative, oversized or non-integer seed is refused,
     where SD.Next would pass -5 on to torch, which silently remaps it)."""
     return [resolve_seed(seed, draw) for seed in seeds]
-
-
-def sdnext_cfg(value: Any, default: float, field: str) -> float:
-    """An SD.Next CFG field -> the CFG used: None or -1 (the UI's "default") is the engine's `default`; negative or
-    non-finite values are refused (cascade.api_fields.sdnext_cfg). The upper bound is the engine's (validate)."""
-    return api_sdnext_cfg(value, float(default), field)
 
 
 def remember_requested_size(p: Any) -> None:
